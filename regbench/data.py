@@ -1,0 +1,127 @@
+"""Read a prepared dataset (the layout of :mod:`regbench.dataset`) and serve pairs as tensors."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from regbench.io import InputError, load_nifti, read_json
+
+
+class PreparedDataset:
+    """A prepared dataset folder: its tables, and its volumes loaded once and kept in memory."""
+
+    def __init__(self, prepared_dir):
+        self.root = Path(prepared_dir)
+        info_path = self.root / "dataset.json"
+        if not info_path.exists():
+            raise InputError(f"{info_path}: not found; the dataset was not prepared (or its preparation was interrupted)")
+        self.info = read_json(info_path)
+        self.ndim = int(self.info["ndim"])
+        self.shape = tuple(self.info["shape"])
+        self.spacing = tuple(self.info["spacing"])
+        self.subjects = _read_table(self.root / "subjects.csv", ["subject", "split", "image", "seg"]).set_index("subject", drop=False)
+        self.labels = _read_table(self.root / "labels.csv", ["label", "name"])
+        self.pairs = _read_table(self.root / "pairs.csv", ["split", "fixed", "moving"])
+        self.label_values = self.labels["label"].to_numpy(dtype=np.int64)
+
+    @property
+    def name(self) -> str:
+        return self.info["id"]
+
+    def split_subjects(self, split: str) -> list[str]:
+        return self.subjects.index[self.subjects["split"] == split].tolist()
+
+    def split_pairs(self, split: str) -> pd.DataFrame:
+        return self.pairs[self.pairs["split"] == split].reset_index(drop=True)
+
+    @functools.lru_cache(maxsize=None)
+    def image(self, subject: str, contrast: str | None = None) -> np.ndarray:
+        column = "image" if contrast is None else f"image_{contrast}"
+        array, _ = load_nifti(self.root / self.subjects.at[subject, column], kind="image", ndim=self.ndim)
+        self._check_shape(subject, column, array)
+        return array
+
+    @functools.lru_cache(maxsize=None)
+    def seg(self, subject: str) -> np.ndarray:
+        array, _ = load_nifti(self.root / self.subjects.at[subject, "seg"], kind="labels", ndim=self.ndim)
+        self._check_shape(subject, "seg", array)
+        return array
+
+    def has_ground_truth(self, fixed: str, moving: str) -> bool:
+        """True when both subjects come from one template, so their true displacement is known."""
+        if "gt_transform" not in self.subjects.columns or "template" not in self.subjects.columns:
+            return False
+        rows = self.subjects.loc[[fixed, moving]]
+        return rows["gt_transform"].notna().all() and rows["template"].nunique() == 1
+
+    def true_displacement(self, fixed: str, moving: str) -> torch.Tensor:
+        """The displacement (``1 x ndim x *spatial``) that warps ``moving`` onto ``fixed``.
+
+        Each subject stores ``to_template`` (psi_s - id: where a subject voxel samples its template) and
+        ``from_template`` (psi_s^-1 - id). For fixed a and moving b, u = psi_b^-1 o psi_a - id.
+        """
+        from regbench.spatial import compose_displacements
+
+        to_template = self._transform(fixed)["to_template"]
+        from_template = self._transform(moving)["from_template"]
+        return compose_displacements(outer=torch.from_numpy(from_template)[None],
+                                     inner=torch.from_numpy(to_template)[None])
+
+    @functools.lru_cache(maxsize=8)
+    def _transform(self, subject: str) -> dict[str, np.ndarray]:
+        path = self.root / self.subjects.at[subject, "gt_transform"]
+        try:
+            with np.load(path) as npz:
+                return {key: npz[key].astype(np.float32) for key in ("to_template", "from_template")}
+        except (OSError, KeyError, ValueError) as err:
+            raise InputError(f"{path}: cannot read the ground-truth transform ({err})") from None
+
+    def pair(self, fixed: str, moving: str, contrast: str | None = None) -> dict[str, torch.Tensor]:
+        """One pair as a batch of size 1 (see :mod:`regbench.method` for the keys)."""
+        batch = {
+            "fixed": torch.from_numpy(self.image(fixed))[None, None],
+            "moving": torch.from_numpy(self.image(moving, contrast))[None, None],
+            "fixed_seg": torch.from_numpy(self.seg(fixed))[None, None],
+            "moving_seg": torch.from_numpy(self.seg(moving))[None, None],
+            "labels": torch.from_numpy(self.label_values),
+        }
+        return batch
+
+    def _check_shape(self, subject, column, array):
+        if tuple(array.shape) != self.shape:
+            raise InputError(f"{self.root / self.subjects.at[subject, column]}: shape {array.shape}, "
+                             f"but dataset.json says {self.shape}")
+
+
+def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The batch of a training iteration: random ordered pairs of distinct training subjects.
+
+    The pairs depend only on (seed, iteration), not on what came before, so a resumed training run
+    sees exactly the pairs an uninterrupted one sees.
+    """
+    subjects = dataset.split_subjects("train")
+    if len(subjects) < 2:
+        raise InputError(f"{dataset.root / 'subjects.csv'}: fewer than two training subjects")
+    rng = np.random.default_rng([seed, iteration])
+    pairs = [rng.choice(len(subjects), size=2, replace=False) for _ in range(batch_size)]
+    items = [dataset.pair(subjects[f], subjects[m]) for f, m in pairs]
+    batch = {key: torch.cat([item[key] for item in items]) for key in items[0] if key != "labels"}
+    batch["labels"] = items[0]["labels"]
+    return batch
+
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a readable CSV table ({err})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing columns {missing}")
+    return table

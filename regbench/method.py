@@ -1,0 +1,96 @@
+"""What a method plugin is: the contract between ``methods/<id>.py`` and the workflow.
+
+A method file defines one class ``Method`` that subclasses :class:`RegistrationMethod`, sets
+``name`` to the file's stem, cites its paper, declares its recipes side by side (``"paper"``: the
+paper's budget, for GPUs; ``"quick"``: what the default CPU run uses) and implements:
+
+- ``build(ndim, recipe)``: the network (an ``nn.Module``), for 2D and 3D from the same code;
+- ``loss_terms(net, batch, recipe)``: the training loss as named terms ``{name: (weight, value)}``;
+  the training loop sums ``weight * value`` and logs every term;
+- ``register(net, fixed, moving, recipe)``: the displacement ``B x ndim x *spatial`` (voxels, on the
+  fixed grid, ``warped(x) = moving(x + u(x))``).
+
+A method that does not learn (identity, classical tools) sets ``trainable = False`` and receives
+``net=None``.
+
+A batch is a dict of tensors: ``fixed``, ``moving`` (``B x 1 x *spatial``, float in [0, 1]);
+``fixed_seg``, ``moving_seg`` (``B x 1 x *spatial``, int64 labels) and ``labels`` (the dataset's
+evaluation label values, int64) when the dataset has segmentations.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Recipe keys the training loop itself reads; every other key belongs to the method.
+TRAINING_KEYS = {
+    "iterations": "optimiser steps",
+    "batch_size": "pairs per step",
+    "lr": "Adam learning rate",
+    "checkpoint_every": "iterations between checkpoints",
+    "log_every": "iterations between rows of train_log.csv",
+}
+
+
+class RegistrationMethod:
+    """Base class of every method plugin (see the module docstring for the contract)."""
+
+    name: str = ""
+    citation: str = ""
+    trainable: bool = True
+    #: ``{"paper": {...}, "quick": {...}}``; each a flat dict of hyper-parameters.
+    recipes: dict[str, dict[str, Any]] = {}
+
+    def recipe(self, which: str = "quick", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The named recipe with ``overrides`` applied; an unknown key or recipe is an error."""
+        if which not in self.recipes:
+            raise ValueError(f"method {self.name!r} has no recipe {which!r}; it has {sorted(self.recipes)}")
+        resolved = copy.deepcopy(self.recipes[which])
+        for key, value in (overrides or {}).items():
+            if key not in resolved:
+                raise ValueError(
+                    f"method {self.name!r}: unknown recipe key {key!r} in the config; "
+                    f"known keys: {sorted(resolved)}"
+                )
+            expected = type(resolved[key])
+            if resolved[key] is not None and not _same_kind(value, resolved[key]):
+                raise ValueError(
+                    f"method {self.name!r}: recipe key {key!r} must be {expected.__name__}, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+            resolved[key] = value
+        return resolved
+
+    def build(self, ndim: int, recipe: dict[str, Any]) -> nn.Module | None:
+        if self.trainable:
+            raise NotImplementedError(f"method {self.name!r} must implement build()")
+        return None
+
+    def loss_terms(self, net: nn.Module, batch: dict[str, torch.Tensor],
+                   recipe: dict[str, Any]) -> dict[str, tuple[float, torch.Tensor]]:
+        raise NotImplementedError(f"method {self.name!r} must implement loss_terms()")
+
+    def register(self, net: nn.Module | None, fixed: torch.Tensor, moving: torch.Tensor,
+                 recipe: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError(f"method {self.name!r} must implement register()")
+
+
+def _same_kind(value: Any, reference: Any) -> bool:
+    """A config value may replace a recipe value of the same kind (ints are accepted for floats)."""
+    if isinstance(reference, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(reference, bool)
+    if isinstance(reference, float):
+        return isinstance(value, (int, float))
+    if isinstance(reference, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(reference))
+
+
+def parameter_count(net: nn.Module | None) -> int:
+    """Number of trainable parameters (0 for methods without a network)."""
+    if net is None:
+        return 0
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)

@@ -1,0 +1,87 @@
+"""Devices, threads, seeds and provenance: what makes a run reproducible and says how it was made."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PACKAGES = ("regbench", "torch", "numpy", "scipy", "pandas", "nibabel", "snakemake")
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} asked for in the config, but CUDA is not available")
+    return torch.device(requested)
+
+
+def configure_threads(threads: int) -> None:
+    """Fix torch's intra-op threads: on CPU, identical numbers across reruns need the same count."""
+    torch.set_num_threads(int(threads))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def config_hash(obj) -> str:
+    """Short SHA-256 of a JSON-serialisable object with sorted keys."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def git_commit(root: Path | None = None) -> str:
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def provenance(settings: dict, device: torch.device | None = None) -> dict:
+    """What made an output: config hash and seed, versions, device, threads, commit, date."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "config_hash": config_hash(settings),
+        "seed": settings.get("seed"),
+        "versions": versions,
+        "python": platform.python_version(),
+        "device": str(device) if device is not None else None,
+        "device_name": device_name(device) if device is not None else None,
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8],
+        "pid": os.getpid(),
+    }

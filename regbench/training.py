@@ -1,0 +1,123 @@
+"""One training loop for every learned method.
+
+The method supplies the network and its named loss terms; the loop sums ``weight * value``, steps
+Adam, logs every term to ``train_log.csv``, checkpoints every ``checkpoint_every`` iterations and
+resumes from the last checkpoint when rerun. Pairs depend only on (seed, iteration)
+(:func:`regbench.data.training_batch`), and the RNG state is checkpointed, so a resumed run on CPU
+ends with the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from regbench.data import PreparedDataset, training_batch
+from regbench.io import atomic_path, write_csv, write_json
+from regbench.method import RegistrationMethod, parameter_count
+from regbench.runtime import seed_everything
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or infinite."""
+
+
+def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
+          *, seed: int = 0, device: str | torch.device = "cpu", provenance: dict | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    """Train ``method`` with ``recipe`` on the training split; write model.pt, train_log.csv, train.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    seed_everything(seed)
+    net = method.build(dataset.ndim, recipe).to(device)
+    optimiser = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
+    iterations = int(recipe["iterations"])
+    checkpoint_every = int(recipe.get("checkpoint_every", 100))
+    log_every = int(recipe.get("log_every", 10))
+
+    checkpoint_path = out_dir / "checkpoint.pt"
+    start, log_rows, elapsed = 0, [], 0.0
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["recipe"] == recipe and state["seed"] == seed:
+            net.load_state_dict(state["net"])
+            optimiser.load_state_dict(state["optimiser"])
+            torch.set_rng_state(state["rng"])
+            start, log_rows, elapsed = state["iteration"], state["log"], state["elapsed_s"]
+
+    def save_checkpoint(iteration: int) -> None:
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(),
+                        "rng": torch.get_rng_state(), "iteration": iteration, "log": log_rows,
+                        "elapsed_s": elapsed, "recipe": recipe, "seed": seed}, tmp)
+
+    net.train()
+    bar = _progress(range(start, iterations), progress, method.name)
+    started = time.perf_counter() - elapsed
+    for iteration in bar:
+        batch = {k: v.to(device) for k, v in training_batch(dataset, iteration, int(recipe["batch_size"]), seed).items()}
+        terms = method.loss_terms(net, batch, recipe)
+        total = sum(weight * value for weight, value in terms.values())
+        for name, (weight, value) in terms.items():
+            if not torch.isfinite(value).all():
+                raise TrainingDiverged(f"{method.name}: loss term {name!r} is {value.item()} at iteration {iteration}; "
+                                       f"the last good checkpoint is kept at {checkpoint_path}")
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        optimiser.step()
+        if iteration % log_every == 0 or iteration == iterations - 1:
+            row = {"iteration": iteration, "loss": float(total)}
+            row.update({name: float(value) for name, (_, value) in terms.items()})
+            log_rows.append(row)
+            if progress:
+                bar.set_postfix(loss=f"{float(total):.4f}")
+        if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < iterations:
+            elapsed = time.perf_counter() - started
+            save_checkpoint(iteration + 1)
+    elapsed = time.perf_counter() - started
+
+    summary = {
+        "method": method.name, "iterations": iterations, "train_time_s": elapsed,
+        "parameters": parameter_count(net), "device": str(device), "seed": seed, "recipe": recipe,
+        "final_loss": log_rows[-1]["loss"] if log_rows else math.nan,
+        "provenance": provenance or {},
+    }
+    with atomic_path(out_dir / "model.pt") as tmp:
+        torch.save({"net": net.state_dict(), "recipe": recipe, "ndim": dataset.ndim, "method": method.name}, tmp)
+    write_csv(out_dir / "train_log.csv", pd.DataFrame(log_rows))
+    write_json(out_dir / "train.json", summary)
+    checkpoint_path.unlink(missing_ok=True)
+    return summary
+
+
+def load_trained(method: RegistrationMethod, model_path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """The network saved by :func:`train`, in eval mode, with its recipe."""
+    state = torch.load(model_path, map_location=device, weights_only=False)
+    net = method.build(state["ndim"], state["recipe"]).to(device)
+    net.load_state_dict(state["net"])
+    net.eval()
+    return net, state["recipe"]
+
+
+def _progress(iterable, enabled: bool, name: str):
+    if not enabled:
+        return _Quiet(iterable)
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"train {name}", mininterval=5.0)
+
+
+class _Quiet:
+    def __init__(self, iterable):
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def set_postfix(self, **_):
+        pass
