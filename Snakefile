@@ -1,0 +1,38 @@
+"""regbench: prepare -> train -> register and evaluate -> aggregate -> report.
+
+Run from the repository root: snakemake --cores all [--configfile config/<name>.yaml]
+"""
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The default benchmark unless a --configfile is given (a given one replaces it, it is not merged into it).
+if not workflow.config_settings.configfiles:
+
+    configfile: f"{workflow.basedir}/config/config.yaml"
+
+
+validate(config, f"{workflow.basedir}/config/schema.yaml")
+
+from regbench.config import check_config, job_settings, is_trainable
+
+CONFIG = check_config(config, source="the workflow config")
+DATASETS = list(CONFIG["datasets"])
+METHODS = list(CONFIG["methods"])
+DATA = CONFIG["data_dir"]
+RESULTS = CONFIG["results_dir"]
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand(f"{RESULTS}/{{dataset}}/leaderboard.csv", dataset=DATASETS),
+        f"{RESULTS}/leaderboard.md",
+        f"{RESULTS}/report/index.html",

@@ -1,0 +1,5 @@
+import sys
+
+from regbench.cli import main
+
+sys.exit(main())

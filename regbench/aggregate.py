@@ -1,0 +1,116 @@
+"""From per-pair scores to leaderboards: results/<ds>/leaderboard.csv and results/leaderboard.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from regbench.io import InputError, read_json, write_csv, write_text
+
+#: columns of pairs.csv that are not metrics
+PAIR_KEYS = ("fixed", "moving")
+#: what leaderboard.md shows, in order: (column, header, format, higher is better)
+MARKDOWN_COLUMNS = [
+    ("dice", "Dice", "{:.3f}", True),
+    ("hd95", "HD95 (mm)", "{:.2f}", False),
+    ("fold_pct", "folds (%)", "{:.3f}", False),
+    ("sdlogj", "SDlogJ", "{:.3f}", False),
+    ("epe", "EPE (vox)", "{:.2f}", False),
+    ("runtime_s", "runtime (s)", "{:.3f}", False),
+]
+
+
+def read_pairs(method_dir: Path) -> pd.DataFrame:
+    path = Path(method_dir) / "pairs.csv"
+    if not path.exists():
+        raise InputError(f"{path}: not found; the method was not evaluated")
+    return pd.read_csv(path)
+
+
+def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataFrame:
+    """One row per method: method, then <metric>_mean/_std/_median for every metric, n_pairs, then
+    parameters, training time and device. Methods are compared on the same pairs only."""
+    dataset_dir = Path(results_dir) / dataset_id
+    rows, pair_sets = [], {}
+    for method_id in method_ids:
+        table = read_pairs(dataset_dir / method_id)
+        pair_sets[method_id] = set(zip(table["fixed"], table["moving"]))
+        row = {"method": method_id}
+        for column in table.columns:
+            if column in PAIR_KEYS:
+                continue
+            values = table[column].to_numpy(dtype=float)
+            row[f"{column}_mean"] = _nan_stat(np.nanmean, values)
+            row[f"{column}_std"] = _nan_stat(lambda v: np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else np.nan, values)
+            row[f"{column}_median"] = _nan_stat(np.nanmedian, values)
+        row["n_pairs"] = len(table)
+        row.update(_training_facts(dataset_dir / method_id))
+        rows.append(row)
+    reference = next(iter(pair_sets.values()))
+    for method_id, pairs in pair_sets.items():
+        if pairs != reference:
+            raise InputError(f"{dataset_dir / method_id / 'pairs.csv'}: its test pairs differ from "
+                             f"{dataset_dir / method_ids[0] / 'pairs.csv'}; methods must be scored on the same pairs")
+    board = pd.DataFrame(rows)
+    if "dice_mean" in board:
+        board = board.sort_values("dice_mean", ascending=False, kind="stable")
+    return board.reset_index(drop=True)
+
+
+def _nan_stat(function, values):
+    return float(function(values)) if np.isfinite(values).any() else np.nan
+
+
+def _training_facts(method_dir: Path) -> dict:
+    facts = {"parameters": 0, "train_time_s": np.nan, "train_device": ""}
+    if (method_dir / "train.json").exists():
+        train = read_json(method_dir / "train.json")
+        facts.update(parameters=train.get("parameters", 0), train_time_s=train.get("train_time_s", np.nan),
+                     train_device=train.get("device", ""))
+    elif (method_dir / "eval.json").exists():
+        facts["parameters"] = read_json(method_dir / "eval.json").get("parameters", 0)
+    return facts
+
+
+def write_leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataFrame:
+    board = leaderboard(results_dir, dataset_id, method_ids)
+    write_csv(Path(results_dir) / dataset_id / "leaderboard.csv", board)
+    return board
+
+
+def markdown_table(board: pd.DataFrame) -> str:
+    """A GitHub-flavoured table: mean ± std per metric, the best value of each column in bold."""
+    columns = [c for c in MARKDOWN_COLUMNS if f"{c[0]}_mean" in board]
+    header = "| method | " + " | ".join(h for _, h, _, _ in columns) + " | pairs |"
+    rule = "|---|" + "---:|" * len(columns) + "---:|"
+    best = {}
+    for name, _, _, higher in columns:
+        values = board[f"{name}_mean"]
+        if values.notna().any():
+            best[name] = values.max() if higher else values.min()
+    lines = [header, rule]
+    for _, row in board.iterrows():
+        cells = []
+        for name, _, fmt, _ in columns:
+            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+            if pd.isna(mean):
+                cells.append("–")
+                continue
+            text = fmt.format(mean) + ("" if pd.isna(std) else " ± " + fmt.format(std))
+            cells.append(f"**{text}**" if name in best and mean == best[name] else text)
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
+    return "\n".join(lines)
+
+
+def write_markdown(results_dir, dataset_ids: list[str]) -> str:
+    parts = ["# regbench leaderboard", ""]
+    for dataset_id in dataset_ids:
+        board = pd.read_csv(Path(results_dir) / dataset_id / "leaderboard.csv")
+        parts += [f"## {dataset_id}", "", markdown_table(board), ""]
+    parts.append("Mean ± standard deviation over the test pairs; bold: the best value of each column. "
+                 "Definitions: spec/evaluation.md (Dice over the dataset's labels, HD95 in mm, folds: % of voxels with "
+                 "det(Jacobian) <= 0, EPE: end-point error against the known displacement, in voxels).")
+    text = "\n".join(parts) + "\n"
+    write_text(Path(results_dir) / "leaderboard.md", text)
+    return text

@@ -1,0 +1,98 @@
+"""The workflow configuration: defaults, checks against the plugins, and what each job receives.
+
+The JSON schema (config/schema.yaml) checks shapes and types; :func:`check_config` then checks what
+a schema cannot: that every dataset and method id names a plugin file, and that every recipe
+override and dataset option is a known key of the right type. Both run before any job starts.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from regbench import plugins
+
+DEFAULTS: dict[str, Any] = {
+    "data_dir": "data",
+    "results_dir": "results",
+    "seed": 0,
+    "device": "auto",
+    "torch_threads": 2,
+    "recipe": "quick",
+    "evaluation": {"label_warp": "nearest", "runtime_repeats": 3},
+}
+
+
+class ConfigError(ValueError):
+    """The configuration names something that does not exist or has a value of the wrong kind."""
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    resolved = copy.deepcopy(DEFAULTS)
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(resolved.get(key), dict):
+            resolved[key] = {**resolved[key], **value}
+        else:
+            resolved[key] = copy.deepcopy(value)
+    resolved["datasets"] = {k: dict(v or {}) for k, v in resolved.get("datasets", {}).items()}
+    resolved["methods"] = {k: dict(v or {}) for k, v in resolved.get("methods", {}).items()}
+    return resolved
+
+
+def check_config(config: dict[str, Any], source: str = "the config") -> dict[str, Any]:
+    """Resolve defaults and check every name and override; return the resolved config."""
+    resolved = with_defaults(config)
+    known_datasets = plugins.dataset_ids()
+    for dataset_id, options in resolved["datasets"].items():
+        if dataset_id not in known_datasets:
+            raise ConfigError(f"{source}: unknown dataset {dataset_id!r} under 'datasets'; "
+                              f"known: {', '.join(known_datasets)}")
+        try:
+            plugins.load_dataset(dataset_id).resolve_options(options)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    known_methods = plugins.method_ids()
+    for method_id, entry in resolved["methods"].items():
+        if method_id not in known_methods:
+            raise ConfigError(f"{source}: unknown method {method_id!r} under 'methods'; "
+                              f"known: {', '.join(known_methods)}")
+        try:
+            method_recipe(resolved, method_id)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    return resolved
+
+
+def method_recipe(config: dict[str, Any], method_id: str) -> tuple[str, dict[str, Any]]:
+    """(recipe name, resolved recipe) of a method under this config."""
+    entry = config["methods"].get(method_id) or {}
+    which = entry.get("recipe", config.get("recipe", "quick"))
+    return which, plugins.load_method(method_id).recipe(which, entry.get("overrides"))
+
+
+def is_trainable(method_id: str) -> bool:
+    return plugins.load_method(method_id).trainable
+
+
+def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None = None) -> dict[str, Any]:
+    """Everything one job needs to reproduce its outputs (its hash is the provenance's config hash)."""
+    settings = {
+        "dataset": dataset_id,
+        "dataset_options": plugins.load_dataset(dataset_id).resolve_options(config["datasets"][dataset_id]),
+        "seed": config["seed"],
+        "device": config["device"],
+        "torch_threads": config["torch_threads"],
+        "evaluation": config["evaluation"],
+    }
+    if method_id is not None:
+        which, recipe = method_recipe(config, method_id)
+        settings.update({"method": method_id, "recipe_name": which, "recipe": recipe})
+    return settings
+
+
+def prepared_dir(config: dict[str, Any], dataset_id: str) -> Path:
+    return Path(config["data_dir"]) / dataset_id / "prepared"
+
+
+def method_dir(config: dict[str, Any], dataset_id: str, method_id: str) -> Path:
+    return Path(config["results_dir"]) / dataset_id / method_id

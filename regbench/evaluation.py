@@ -1,0 +1,148 @@
+"""Register every test pair with one method and score it: results/<ds>/<m>/pairs.csv and labels.csv.
+
+The registration call alone is timed (no file I/O): one warm-up call, then the median of
+``runtime_repeats`` calls, with ``torch.cuda.synchronize()`` around each on GPU. Peak memory is
+``torch.cuda.max_memory_allocated`` on GPU and the growth of the resident set on CPU.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from regbench import metrics
+from regbench.data import PreparedDataset
+from regbench.io import write_csv, write_json
+from regbench.method import RegistrationMethod, parameter_count
+
+
+def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
+                    *, net: torch.nn.Module | None = None, device: torch.device = torch.device("cpu"),
+                    runtime_repeats: int = 3, label_warp: str = "nearest", split: str = "test",
+                    provenance: dict | None = None, progress: bool = False) -> pd.DataFrame:
+    """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``."""
+    out_dir = Path(out_dir)
+    pairs = dataset.split_pairs(split)
+    if pairs.empty:
+        raise ValueError(f"{dataset.root / 'pairs.csv'}: no {split} pairs")
+    names = dict(zip(dataset.labels["label"], dataset.labels["name"]))
+    pair_rows, label_rows = [], []
+    iterator = pairs.itertuples(index=False)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(pairs), desc=f"register {method.name}", mininterval=5.0)
+    for pair in iterator:
+        batch = dataset.pair(pair.fixed, pair.moving)
+        fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
+
+        def call():
+            with torch.no_grad():
+                return method.register(net, fixed, moving, recipe)
+
+        displacement, runtime_s, peak_mem_mb = measure(call, device, runtime_repeats)
+        u = displacement[0].detach().cpu().double().numpy()
+        u_true = None
+        if dataset.has_ground_truth(pair.fixed, pair.moving):
+            u_true = dataset.true_displacement(pair.fixed, pair.moving)[0].double().numpy()
+        scores, per_label = metrics.pair_metrics(
+            dataset.seg(pair.fixed), dataset.seg(pair.moving), u, dataset.label_values, dataset.spacing,
+            u_true=u_true, label_warp=label_warp)
+        pair_rows.append({"fixed": pair.fixed, "moving": pair.moving, **scores,
+                          "runtime_s": runtime_s, "peak_mem_mb": peak_mem_mb})
+        for row in per_label:
+            label_rows.append({"fixed": pair.fixed, "moving": pair.moving, "label": int(row["label"]),
+                               "name": names[row["label"]], "dice": row["dice"], "hd95": row["hd95"]})
+    table = pd.DataFrame(pair_rows)
+    write_csv(out_dir / "labels.csv", pd.DataFrame(label_rows))
+    write_csv(out_dir / "pairs.csv", table)
+    write_json(out_dir / "eval.json", {
+        "method": method.name, "dataset": dataset.name, "split": split, "n_pairs": len(table),
+        "label_warp": label_warp, "runtime_repeats": runtime_repeats, "device": str(device),
+        "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,
+        "provenance": provenance or {},
+    })
+    return table
+
+
+def measure(call: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float]:
+    """(result, median seconds of ``repeats`` calls after a warm-up, peak memory in MB)."""
+    cuda = device.type == "cuda"
+    result = call()  # warm-up: lazy initialisation, caches, cuDNN autotuning
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    sampler = None if cuda else _ResidentSetSampler()
+    times = []
+    for _ in range(repeats):
+        if sampler is not None:
+            sampler.start()
+        start = time.perf_counter()
+        result = call()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        if sampler is not None:
+            sampler.stop()
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    else:
+        peak = sampler.peak_growth_mb
+    return result, statistics.median(times), float(peak)
+
+
+class _ResidentSetSampler:
+    """Peak growth of this process's resident set while started, sampled every millisecond."""
+
+    def __init__(self):
+        self.peak_growth_mb = 0.0
+        self._page_mb = _page_size() / 2**20
+        self._running = False
+        self._thread = None
+
+    def _rss_pages(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1])
+
+    def start(self):
+        try:
+            self._baseline = self._rss_pages()
+        except OSError:  # no /proc (not Linux): memory is not measured
+            self._baseline = None
+            return
+        self._peak = self._baseline
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while self._running:
+            self._peak = max(self._peak, self._rss_pages())
+            time.sleep(0.001)
+
+    def stop(self):
+        if self._baseline is None:
+            self.peak_growth_mb = float("nan")
+            return
+        self._running = False
+        self._thread.join()
+        self._peak = max(self._peak, self._rss_pages())
+        self.peak_growth_mb = max(self.peak_growth_mb, (self._peak - self._baseline) * self._page_mb)
+
+
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def pair_table_metrics(table: pd.DataFrame) -> list[str]:
+    """The metric columns of a pairs.csv table (everything but the pair's names)."""
+    return [c for c in table.columns if c not in ("fixed", "moving") and np.issubdtype(table[c].dtype, np.number)]

@@ -1,0 +1,54 @@
+"""Bad configs stop before any work starts, with one message that names the mistake."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from regbench.config import ConfigError, check_config, job_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_config():
+    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def test_default_config_resolves():
+    config = check_config(default_config())
+    settings = job_settings(config, "embedded2d", "voxelmorph")
+    assert settings["recipe_name"] == "quick"
+    assert settings["recipe"]["iterations"] > 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["methods"].update(voxelmorf={}), "unknown method 'voxelmorf'"),
+    (lambda c: c["datasets"].update(oasis3={}), "unknown dataset 'oasis3'"),
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"iteratons": 5}}), "unknown recipe key 'iteratons'"),
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"iterations": "many"}}), "'iterations' must be int"),
+    (lambda c: c["methods"].update(voxelmorph={"recipe": "fast"}), "no recipe 'fast'"),
+    (lambda c: c["datasets"].update(embedded2d={"no_such_option": 1}), "unknown option 'no_such_option'"),
+])
+def test_bad_names_and_values_are_named(change, message):
+    config = default_config()
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("datasets: {embedded2d: {}}\nmethods: {identity: {}}\nseed: zero\n", "'zero' is not of type 'integer'"),
+    ("datasets: {embedded2d: {}}\nmethods: {identity: {}}\nthreads: 2\n", "'threads' was unexpected"),
+    ("datasets: {embedded2d: {}}\nmethods: {nope: {}}\n", "unknown method 'nope'"),
+])
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"),
+         "--directory", str(tmp_path), "--configfile", str(config)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()

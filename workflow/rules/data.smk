@@ -1,0 +1,16 @@
+rule prepare:
+    """Download (when the dataset has something to download) and prepare one dataset."""
+    output:
+        subjects=f"{DATA}/{{dataset}}/prepared/subjects.csv",
+        labels=f"{DATA}/{{dataset}}/prepared/labels.csv",
+        pairs=f"{DATA}/{{dataset}}/prepared/pairs.csv",
+        info=f"{DATA}/{{dataset}}/prepared/dataset.json",
+    params:
+        settings=settings_json,
+        raw=f"{DATA}/{{dataset}}/raw",
+        prepared=f"{DATA}/{{dataset}}/prepared",
+    threads: CONFIG["torch_threads"]
+    log:
+        f"{RESULTS}/logs/{{dataset}}/prepare.log",
+    shell:
+        "{REGBENCH} prepare --raw {params.raw} --prepared {params.prepared} --settings {params.settings:q} > {log} 2>&1"

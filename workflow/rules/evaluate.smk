@@ -1,0 +1,40 @@
+def trained_model(wildcards):
+    """A learned method is evaluated from its model; identity and classical tools need none."""
+    if is_trainable(wildcards.method):
+        return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/model.pt"
+    return []
+
+
+rule register:
+    """Register every test pair with one method and score it (one row a pair, one row a pair x label)."""
+    input:
+        info=rules.prepare.output.info,
+        model=trained_model,
+    output:
+        pairs=f"{RESULTS}/{{dataset}}/{{method}}/pairs.csv",
+        labels=f"{RESULTS}/{{dataset}}/{{method}}/labels.csv",
+        summary=f"{RESULTS}/{{dataset}}/{{method}}/eval.json",
+    params:
+        settings=settings_json,
+        prepared=f"{DATA}/{{dataset}}/prepared",
+        out=f"{RESULTS}/{{dataset}}/{{method}}",
+    threads: CONFIG["torch_threads"]
+    log:
+        f"{RESULTS}/logs/{{dataset}}/{{method}}/register.log",
+    shell:
+        "{REGBENCH} register --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule aggregate:
+    """One leaderboard per dataset: mean, std and median of every metric over the same test pairs."""
+    input:
+        expand(f"{RESULTS}/{{{{dataset}}}}/{{method}}/pairs.csv", method=METHODS),
+    output:
+        board=f"{RESULTS}/{{dataset}}/leaderboard.csv",
+        provenance=f"{RESULTS}/{{dataset}}/leaderboard.json",
+    params:
+        methods=",".join(METHODS),
+    log:
+        f"{RESULTS}/logs/{{dataset}}/aggregate.log",
+    shell:
+        "{REGBENCH} aggregate --results {RESULTS} --dataset {wildcards.dataset} --methods {params.methods} > {log} 2>&1"

@@ -1,0 +1,17 @@
+rule train:
+    """Train one method with its recipe on one dataset's training split (a GPU job on a cluster)."""
+    input:
+        rules.prepare.output.info,
+    output:
+        model=f"{RESULTS}/{{dataset}}/{{method}}/model.pt",
+        log=f"{RESULTS}/{{dataset}}/{{method}}/train_log.csv",
+        summary=f"{RESULTS}/{{dataset}}/{{method}}/train.json",
+    params:
+        settings=settings_json,
+        prepared=f"{DATA}/{{dataset}}/prepared",
+        out=f"{RESULTS}/{{dataset}}/{{method}}",
+    threads: CONFIG["torch_threads"]
+    log:
+        f"{RESULTS}/logs/{{dataset}}/{{method}}/train.log",
+    shell:
+        "{REGBENCH} train --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
