@@ -17,6 +17,10 @@ from typing import Any, Iterator
 import numpy as np
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class InputError(ValueError):
     """A user-supplied file is missing or unusable; the message names the file and the problem."""
 
@@ -32,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():
