@@ -17,7 +17,8 @@ validate(config, f"{workflow.basedir}/config/schema.yaml")
 
 from regbench.config import check_config, job_settings, is_trainable
 
-CONFIG = check_config(config, source="the workflow config")
+CONFIG_FILES = [str(f) for f in workflow.config_settings.configfiles] or ["config/config.yaml"]
+CONFIG = check_config(config, source=" + ".join(CONFIG_FILES))
 DATASETS = list(CONFIG["datasets"])
 METHODS = list(CONFIG["methods"])
 DATA = CONFIG["data_dir"]
