@@ -38,13 +38,15 @@ def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataF
         pair_sets[method_id] = set(zip(table["fixed"], table["moving"]))
         row = {"method": method_id}
         for column in table.columns:
-            if column in PAIR_KEYS:
+            if column in PAIR_KEYS or not pd.api.types.is_numeric_dtype(table[column]):
                 continue
             values = table[column].to_numpy(dtype=float)
             row[f"{column}_mean"] = _nan_stat(np.nanmean, values)
             row[f"{column}_std"] = _nan_stat(lambda v: np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else np.nan, values)
             row[f"{column}_median"] = _nan_stat(np.nanmedian, values)
         row["n_pairs"] = len(table)
+        if "label_warp" in table:
+            row["label_warp"] = "+".join(sorted(set(table["label_warp"])))
         row.update(_training_facts(dataset_dir / method_id))
         rows.append(row)
     reference = next(iter(pair_sets.values()))

@@ -26,7 +26,7 @@ class PreparedDataset:
         self.subjects = _read_table(self.root / "subjects.csv", ["subject", "split", "image", "seg"]).set_index("subject", drop=False)
         self.labels = _read_table(self.root / "labels.csv", ["label", "name"])
         self.pairs = _read_table(self.root / "pairs.csv", ["split", "fixed", "moving"])
-        self.label_values = self.labels["label"].to_numpy(dtype=np.int64)
+        self.label_values = self.labels["label"].to_numpy(dtype=np.int64).copy()
 
     @property
     def name(self) -> str:

@@ -56,9 +56,10 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
             u_true=u_true, label_warp=label_warp)
         pair_rows.append({"fixed": pair.fixed, "moving": pair.moving, **scores,
                           "runtime_s": runtime_s, "peak_mem_mb": peak_mem_mb})
-        for row in per_label:
+        for row in per_label.to_dict("records"):
             label_rows.append({"fixed": pair.fixed, "moving": pair.moving, "label": int(row["label"]),
-                               "name": names[row["label"]], "dice": row["dice"], "hd95": row["hd95"]})
+                               "name": names[row["label"]], "dice": row["dice"], "hd95": row["hd95"],
+                               "hd95_vox": row["hd95_vox"]})
     table = pd.DataFrame(pair_rows)
     write_csv(out_dir / "labels.csv", pd.DataFrame(label_rows))
     write_csv(out_dir / "pairs.csv", table)

@@ -1,0 +1,235 @@
+"""The embedded dataset: layout, labels, pairs, true displacements, no folding, determinism, bad files."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from regbench.data import PreparedDataset
+from regbench.io import InputError, load_nifti
+from regbench.plugins import load_dataset
+from regbench.spatial import compose_displacements, warp, warp_labels
+
+SMALL = {"n_train": 2, "n_val": 1, "n_test": 2}
+
+
+def embedded_module():
+    """The plugin module (loaded by path, like the workflow loads it)."""
+    import sys
+
+    load_dataset("embedded2d")
+    return sys.modules["regbench_plugins.datasets.embedded"]
+
+
+@pytest.fixture(scope="module")
+def prepared2d(tmp_path_factory):
+    """embedded2d with its default options."""
+    folder = tmp_path_factory.mktemp("embedded2d")
+    load_dataset("embedded2d").prepare(None, folder, {})
+    return PreparedDataset(folder)
+
+
+@pytest.fixture(scope="module")
+def prepared3d(tmp_path_factory):
+    """A small embedded3d: two test subjects per template, nothing else."""
+    folder = tmp_path_factory.mktemp("embedded3d")
+    load_dataset("embedded3d").prepare(None, folder, {"n_train": 0, "n_val": 0, "n_test": 2})
+    return PreparedDataset(folder)
+
+
+def mean_dice(a, b, labels):
+    scores = [2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels
+              if np.sum(a == v) + np.sum(b == v) > 0]
+    return float(np.mean(scores))
+
+
+def jacobian_determinant(u):
+    """det(d(id + u)/dx) by central differences; u is ndim x *spatial (voxels, channels in axis order)."""
+    ndim = u.shape[0]
+    jacobian = np.stack([np.stack(np.gradient(u[i]), axis=0) for i in range(ndim)], axis=0)
+    jacobian = jacobian + np.eye(ndim).reshape(ndim, ndim, *([1] * ndim))
+    return np.linalg.det(np.moveaxis(jacobian, (0, 1), (-2, -1)))
+
+
+def test_layout_2d(prepared2d):
+    ds = prepared2d
+    assert ds.name == "embedded2d" and ds.ndim == 2
+    assert ds.shape == (176, 176) and ds.spacing == (1.0, 1.0)
+    assert all(size % 16 == 0 for size in ds.shape)
+    counts = ds.subjects.groupby(["template", "split"]).size()
+    for template in ("fsaverage", "xhemi"):
+        assert (counts[template, "train"], counts[template, "val"], counts[template, "test"]) == (20, 2, 8)
+    has_gt = ds.subjects["gt_transform"].notna()
+    assert (has_gt == (ds.subjects["split"] != "train")).all()
+    image = ds.image("xhemi_test_03")
+    assert image.dtype == np.float32 and image.shape == ds.shape
+    assert 0 <= image.min() and image.max() <= 1 and image.max() > 0.7
+    _, spacing = load_nifti(ds.root / ds.subjects.at["fsaverage_train_00", "seg"], kind="labels")
+    assert spacing == (1.0, 1.0)
+
+
+def test_labels_2d(prepared2d):
+    ds = prepared2d
+    labels = dict(zip(ds.labels["label"], ds.labels["name"]))
+    assert len(labels) == 23
+    for value, name in [(2, "Left-Cerebral-White-Matter"), (10, "Left-Thalamus"), (12, "Left-Putamen"),
+                        (17, "Left-Hippocampus"), (53, "Right-Hippocampus"), (43, "Right-Lateral-Ventricle")]:
+        assert labels[value] == name
+    # not anatomical structures, or too small in this slice
+    assert not {30, 31, 62, 63, 77, 85, 11, 50} & set(labels)
+    for subject in ds.subjects["subject"]:
+        assert set(np.unique(ds.seg(subject))) <= set(labels) | {0}
+    # every evaluation label is present in every test subject
+    for subject in ds.split_subjects("test"):
+        assert set(np.unique(ds.seg(subject))) == set(labels) | {0}
+
+
+def test_pairs(prepared2d):
+    ds = prepared2d
+    assert set(ds.pairs["split"]) == {"val", "test"}
+    test = ds.split_pairs("test")
+    assert len(test) >= 20 and len(test) == 7 + 7 + 8
+    assert len(ds.split_pairs("val")) == 1 + 1 + 2
+    gt = [ds.has_ground_truth(f, m) for f, m in zip(test["fixed"], test["moving"])]
+    assert sum(gt) == 14
+    template = ds.subjects["template"]
+    for (f, m), known in zip(zip(test["fixed"], test["moving"]), gt):
+        assert known == (template[f] == template[m])
+        assert ds.subjects.at[f, "split"] == ds.subjects.at[m, "split"] == "test"
+    assert set(test["fixed"]) | set(test["moving"]) == set(ds.split_subjects("test"))
+
+
+def test_templates_are_one_real_inter_anatomy_pair():
+    module = embedded_module()
+    for ndim, expected in ((2, 0.85), (3, 0.87)):
+        templates = module.load_templates(ndim)
+        a, b = templates.segs["fsaverage"], templates.segs["xhemi"]
+        assert not np.array_equal(a, b)
+        # xhemi's labels follow image space: a left structure lies on the same side in both templates
+        for value in (17, 53):
+            assert abs(np.argwhere(a == value)[:, 0].mean() - np.argwhere(b == value)[:, 0].mean()) < 2
+        assert mean_dice(a, b, templates.labels) == pytest.approx(expected, abs=0.01)
+
+
+def check_true_displacements(ds, templates, pairs, min_dice):
+    """Warping the moving subject by the stored truth lands on the fixed subject (images and labels)."""
+    for fixed, moving in pairs:
+        u = ds.true_displacement(fixed, moving)
+        template = torch.from_numpy(templates.images[ds.subjects.at[fixed, "template"]])[None, None]
+        clean = {s: warp(template, torch.from_numpy(ds._transform(s)["to_template"])[None]) for s in (fixed, moving)}
+        before = (clean[moving] - clean[fixed]).abs().mean()
+        after = (warp(clean[moving], u) - clean[fixed]).abs().mean()
+        assert after < 0.25 * before
+        fixed_seg = ds.seg(fixed)
+        warped_seg = warp_labels(torch.from_numpy(ds.seg(moving))[None, None], u)[0, 0].numpy()
+        dice_before = mean_dice(ds.seg(moving), fixed_seg, ds.label_values)
+        dice_after = mean_dice(warped_seg, fixed_seg, ds.label_values)
+        assert dice_after > min_dice and dice_after > dice_before + 0.15
+        # with noise, bias and gamma too, the truth brings the images closer
+        noisy_before = np.abs(ds.image(moving) - ds.image(fixed)).mean()
+        noisy_after = np.abs(warp(torch.from_numpy(ds.image(moving))[None, None], u)[0, 0].numpy()
+                             - ds.image(fixed)).mean()
+        assert noisy_after < 0.95 * noisy_before
+
+
+def test_true_displacement_warps_moving_onto_fixed_2d(prepared2d):
+    test = prepared2d.split_pairs("test")
+    pairs = [(f, m) for f, m in zip(test["fixed"], test["moving"]) if prepared2d.has_ground_truth(f, m)]
+    check_true_displacements(prepared2d, embedded_module().load_templates(2), pairs, min_dice=0.9)
+
+
+def test_true_displacement_warps_moving_onto_fixed_3d(prepared3d):
+    ds = prepared3d
+    assert ds.shape == (96, 96, 112) and ds.spacing == (2.0, 2.0, 2.0)
+    assert len(ds.labels) == 37
+    assert len(ds.split_pairs("test")) == 1 + 1 + 2 and len(ds.split_pairs("val")) == 0
+    check_true_displacements(ds, embedded_module().load_templates(3), [("xhemi_test_00", "xhemi_test_01")],
+                             min_dice=0.8)
+
+
+@pytest.mark.parametrize("which", ["prepared2d", "prepared3d"])
+def test_deformations_are_diffeomorphic_and_inverse(which, request):
+    ds = request.getfixturevalue(which)
+    for subject in ds.subjects.index[ds.subjects["gt_transform"].notna()]:
+        transform = ds._transform(subject)
+        for key in ("to_template", "from_template"):
+            assert transform[key].dtype == np.float32 and transform[key].shape == (ds.ndim, *ds.shape)
+            assert jacobian_determinant(transform[key]).min() > 0.2, (subject, key)
+        # psi^-1 o psi = id inside the brain, up to interpolation
+        roundtrip = compose_displacements(outer=torch.from_numpy(transform["from_template"])[None],
+                                          inner=torch.from_numpy(transform["to_template"])[None])[0]
+        error = roundtrip.norm(dim=0).numpy()[ds.image(subject) > 0]
+        assert error.mean() < 0.03 and error.max() < 0.15
+
+
+def test_prepare_is_deterministic_and_test_subjects_do_not_depend_on_n_train(tmp_path, prepared2d):
+    source = load_dataset("embedded2d")
+    first, second = tmp_path / "first", tmp_path / "second"
+    source.prepare(None, first, SMALL)
+    source.prepare(None, second, SMALL)
+    for name in ("subjects.csv", "labels.csv", "pairs.csv"):
+        assert (first / name).read_text() == (second / name).read_text()
+    a, b = PreparedDataset(first), PreparedDataset(second)
+    for subject in a.subjects["subject"]:
+        assert np.array_equal(a.image(subject), b.image(subject))
+        assert np.array_equal(a.seg(subject), b.seg(subject))
+    for path in (first / "transforms").iterdir():
+        assert path.read_bytes() == (second / "transforms" / path.name).read_bytes()
+    # the default run (20 train subjects) made the same test subject as this one (2 train subjects)
+    assert np.array_equal(a.image("xhemi_test_01"), prepared2d.image("xhemi_test_01"))
+    # another seed gives other subjects
+    third = tmp_path / "third"
+    source.prepare(None, third, {**SMALL, "seed": 1})
+    assert not np.array_equal(PreparedDataset(third).image("xhemi_test_01"), a.image("xhemi_test_01"))
+
+
+def test_unknown_option_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="n_subjects"):
+        load_dataset("embedded2d").prepare(None, tmp_path, {"n_subjects": 3})
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
+def test_damaged_shipped_file_is_named(tmp_path, monkeypatch, damage):
+    module = embedded_module()
+    data_dir = tmp_path / "embedded"
+    shutil.copytree(module.DATA_DIR, data_dir)
+    target = data_dir / "xhemi_2d.npz"
+    if damage == "corrupt":
+        raw = bytearray(target.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        target.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:1000])
+    else:
+        target.unlink()
+    source = load_dataset("embedded2d")
+    monkeypatch.setattr(source, "data_dir", data_dir)
+    prepared = tmp_path / "prepared"
+    with pytest.raises(InputError, match=str(target)):
+        source.prepare(None, prepared, SMALL)
+    assert not prepared.exists()
+
+
+def test_shipped_files_match_their_checksums():
+    module = embedded_module()
+    expected = json.loads((module.DATA_DIR / "checksums.json").read_text())
+    assert sorted(expected) == sorted(f"{t}_{n}d.npz" for t in ("fsaverage", "xhemi") for n in (2, 3))
+    total = 0
+    for name, digest in expected.items():
+        path = module.DATA_DIR / name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+        total += path.stat().st_size
+    assert total < 2_000_000
+    for notice in ("NOTICE.md", "LICENSE-FreeSurfer.txt"):
+        assert (module.DATA_DIR / notice).stat().st_size > 1000
+    assert "PART B" in (module.DATA_DIR / "LICENSE-FreeSurfer.txt").read_text()
+
+
+def test_subjects_table_round_trips(prepared2d):
+    table = pd.read_csv(prepared2d.root / "subjects.csv")
+    assert list(table.columns) == ["subject", "split", "image", "seg", "template", "gt_transform"]
+    info = json.loads((prepared2d.root / "dataset.json").read_text())
+    assert info["provenance"]["shipped_sha256"].keys() == {"fsaverage_2d.npz", "xhemi_2d.npz"}
