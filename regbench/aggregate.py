@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from regbench import stats
 from regbench.io import InputError, read_json, write_csv, write_text
 
 #: columns of pairs.csv that are not metrics
@@ -28,13 +29,19 @@ def read_pairs(method_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataFrame:
-    """One row per method: method, then <metric>_mean/_std/_median for every metric, n_pairs, then
-    parameters, training time and device. Methods are compared on the same pairs only."""
+def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(leaderboard, paired tests) of one dataset.
+
+    The leaderboard has one row per method: method, then <metric>_mean/_std/_median for every metric,
+    n_pairs, dsc30 (the 0.3 quantile of pair Dice), ``dice_not_worse`` (best mean Dice, or not
+    significantly worse than it after Holm correction), parameters, training time and device, and
+    Learn2Reg's rank scores. Methods are compared on the same pairs only.
+    """
     dataset_dir = Path(results_dir) / dataset_id
-    rows, pair_sets = [], {}
+    rows, pair_sets, tables = [], {}, {}
     for method_id in method_ids:
         table = read_pairs(dataset_dir / method_id)
+        tables[method_id] = table
         pair_sets[method_id] = set(zip(table["fixed"], table["moving"]))
         row = {"method": method_id}
         for column in table.columns:
@@ -45,6 +52,8 @@ def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataF
             row[f"{column}_std"] = _nan_stat(lambda v: np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else np.nan, values)
             row[f"{column}_median"] = _nan_stat(np.nanmedian, values)
         row["n_pairs"] = len(table)
+        if "dice" in table:
+            row["dsc30"] = float(np.nanquantile(table["dice"], 0.3)) if table["dice"].notna().any() else np.nan
         if "label_warp" in table:
             row["label_warp"] = "+".join(sorted(set(table["label_warp"])))
         row.update(_training_facts(dataset_dir / method_id))
@@ -55,9 +64,14 @@ def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataF
             raise InputError(f"{dataset_dir / method_id / 'pairs.csv'}: its test pairs differ from "
                              f"{dataset_dir / method_ids[0] / 'pairs.csv'}; methods must be scored on the same pairs")
     board = pd.DataFrame(rows)
+    metrics = [c for c in tables[method_ids[0]].columns if c in stats.HIGHER_IS_BETTER]
+    tests = stats.paired_tests(tables, metrics)
     if "dice_mean" in board:
+        verdict = stats.not_worse_than_best(board, tests, "dice")
+        board.insert(board.columns.get_loc("n_pairs") + 1, "dice_not_worse", board["method"].map(verdict))
+        board = board.merge(stats.learn2reg_rank(tables), on="method")
         board = board.sort_values("dice_mean", ascending=False, kind="stable")
-    return board.reset_index(drop=True)
+    return board.reset_index(drop=True), tests
 
 
 def _nan_stat(function, values):
@@ -76,7 +90,9 @@ def _training_facts(method_dir: Path) -> dict:
 
 
 def write_leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataFrame:
-    board = leaderboard(results_dir, dataset_id, method_ids)
+    """results/<ds>/stats.csv, then results/<ds>/leaderboard.csv."""
+    board, tests = leaderboard(results_dir, dataset_id, method_ids)
+    write_csv(Path(results_dir) / dataset_id / "stats.csv", tests)
     write_csv(Path(results_dir) / dataset_id / "leaderboard.csv", board)
     return board
 
@@ -101,7 +117,8 @@ def markdown_table(board: pd.DataFrame) -> str:
                 continue
             text = fmt.format(mean) + ("" if pd.isna(std) else " ± " + fmt.format(std))
             cells.append(f"**{text}**" if name in best and mean == best[name] else text)
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
+        mark = " ◆" if row.get("dice_not_worse") in (True, "True") else ""
+        lines.append(f"| {row['method']}{mark} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
     return "\n".join(lines)
 
 
@@ -110,7 +127,8 @@ def write_markdown(results_dir, dataset_ids: list[str]) -> str:
     for dataset_id in dataset_ids:
         board = pd.read_csv(Path(results_dir) / dataset_id / "leaderboard.csv")
         parts += [f"## {dataset_id}", "", markdown_table(board), ""]
-    parts.append("Mean ± standard deviation over the test pairs; bold: the best value of each column. "
+    parts.append("Mean ± standard deviation over the test pairs; bold: the best value of each column; ◆: the best "
+                 "mean Dice or not significantly worse than it (paired Wilcoxon signed-rank, Holm-corrected, p < 0.05). "
                  "Definitions: spec/evaluation.md (Dice over the dataset's labels, HD95 in mm, folds: % of voxels with "
                  "det(Jacobian) <= 0, EPE: end-point error against the known displacement, in voxels).")
     text = "\n".join(parts) + "\n"

@@ -31,6 +31,7 @@ rule aggregate:
         expand(f"{RESULTS}/{{{{dataset}}}}/{{method}}/pairs.csv", method=METHODS),
     output:
         board=f"{RESULTS}/{{dataset}}/leaderboard.csv",
+        stats=f"{RESULTS}/{{dataset}}/stats.csv",
         provenance=f"{RESULTS}/{{dataset}}/leaderboard.json",
     params:
         methods=",".join(METHODS),
