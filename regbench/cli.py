@@ -77,8 +77,73 @@ def cmd_register(args) -> None:
     table = evaluate_method(method, recipe, dataset, args.out, net=net, device=device,
                             runtime_repeats=settings["evaluation"]["runtime_repeats"],
                             label_warp=settings["evaluation"]["label_warp"],
-                            provenance=provenance(settings, device), progress=True)
+                            provenance=provenance(settings, device), progress=True,
+                            export_dir=Path(args.out) / "displacements" if settings["evaluation"].get("export_displacements") else None)
     log.info("%s: mean Dice %.4f over %d pairs", method.name, table["dice"].mean(), len(table))
+
+
+def parse_labels(text: str) -> list[int]:
+    """'1-35' or '2,4,10-12' -> label values (ranges inclusive)."""
+    labels = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                low, high = part.split("-", 1) if not part.startswith("-") else (part, part)
+                labels.extend(range(int(low), int(high) + 1))
+            elif part:
+                labels.append(int(part))
+        except ValueError:
+            raise SystemExit(f"regbench evaluate: --labels: cannot read {part!r} (use lists and ranges: 1-35,40)")
+    if not labels or any(label <= 0 for label in labels):
+        raise SystemExit("regbench evaluate: --labels must name labels > 0 (0 is background)")
+    return sorted(set(labels))
+
+
+def _json_ready(value):
+    """NaN becomes null (JSON has no NaN); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def cmd_evaluate(args) -> None:
+    """Every per-pair metric for one displacement file, as JSON."""
+    import numpy as np
+
+    from regbench import metrics
+    from regbench.io import load_nifti, write_text
+    from regbench.learn2reg import read_displacement
+
+    fixed, fixed_spacing = load_nifti(args.fixed_seg, kind="labels")
+    moving, _ = load_nifti(args.moving_seg, kind="labels")
+    if moving.shape != fixed.shape:
+        raise InputError(f"{args.moving_seg}: shape {moving.shape} differs from the fixed label map's {fixed.shape} ({args.fixed_seg})")
+    u = read_displacement(args.disp, fixed.shape)
+    labels = parse_labels(args.labels) if args.labels else sorted(int(v) for v in np.unique(fixed) if v != 0)
+    if args.spacing:
+        try:
+            spacing = tuple(float(s) for s in args.spacing.split(","))
+        except ValueError:
+            raise SystemExit(f"regbench evaluate: --spacing: cannot read {args.spacing!r} (e.g. 1,1,1)")
+        if len(spacing) != fixed.ndim:
+            raise SystemExit(f"regbench evaluate: --spacing has {len(spacing)} values, the images have {fixed.ndim} axes")
+    else:
+        spacing = fixed_spacing
+    scores, per_label = metrics.pair_metrics(fixed, moving, u, labels, spacing, label_warp=args.label_warp)
+    result = {**scores, "spacing": list(spacing), "n_labels": len(labels),
+              "labels": per_label.to_dict(orient="records")}
+    text = json.dumps(_json_ready(result), indent=2, allow_nan=False)
+    if args.json:
+        write_text(args.json, text + "\n")
+    else:
+        print(text)
 
 
 def cmd_aggregate(args) -> None:
@@ -133,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True)
     p.set_defaults(func=cmd_register)
 
+    p = commands.add_parser("evaluate", help="score one displacement file (Learn2Reg format) and print every metric as JSON")
+    p.add_argument("--fixed-seg", required=True, help="fixed label map (NIfTI)")
+    p.add_argument("--moving-seg", required=True, help="moving label map (NIfTI)")
+    p.add_argument("--disp", required=True, help="displacement, X x Y x Z x 3 (2D: X x Y x 2), voxels, on the fixed grid (.nii.gz or .npz)")
+    p.add_argument("--labels", help="labels to score, lists and ranges (1-35,40); default: every label of the fixed map but 0")
+    p.add_argument("--spacing", help="voxel spacing in mm (1,1,1); default: the fixed label map's header")
+    p.add_argument("--label-warp", choices=["nearest", "linear"], default="nearest")
+    p.add_argument("--json", help="write the JSON here instead of printing it")
+    p.set_defaults(func=cmd_evaluate)
+
     p = commands.add_parser("aggregate", help="write results/<dataset>/leaderboard.csv")
     p.add_argument("--results", required=True)
     p.add_argument("--dataset", required=True)
@@ -155,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except InputError as err:
+    except (InputError, ValueError) as err:
         print(f"regbench: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "torch_threads": 2,
     "recipe": "quick",
-    "evaluation": {"label_warp": "nearest", "runtime_repeats": 3},
+    "evaluation": {"label_warp": "nearest", "runtime_repeats": 3, "export_displacements": False},
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from regbench import metrics
+from regbench import learn2reg, metrics
 from regbench.data import PreparedDataset
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
@@ -25,8 +25,14 @@ from regbench.method import RegistrationMethod, parameter_count
 def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
                     *, net: torch.nn.Module | None = None, device: torch.device = torch.device("cpu"),
                     runtime_repeats: int = 3, label_warp: str = "nearest", split: str = "test",
-                    provenance: dict | None = None, progress: bool = False) -> pd.DataFrame:
-    """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``."""
+                    provenance: dict | None = None, progress: bool = False,
+                    export_dir=None) -> pd.DataFrame:
+    """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``.
+
+    A method with ``precomputed = True`` (``external``) supplies each pair's displacement from files
+    (``load_displacement``); its runtime and memory are unknown (NaN). With ``export_dir``, every
+    displacement is also written there in Learn2Reg's format.
+    """
     out_dir = Path(out_dir)
     pairs = dataset.split_pairs(split)
     if pairs.empty:
@@ -39,15 +45,22 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
 
         iterator = tqdm(iterator, total=len(pairs), desc=f"register {method.name}", mininterval=5.0)
     for pair in iterator:
-        batch = dataset.pair(pair.fixed, pair.moving)
-        fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
+        if getattr(method, "precomputed", False):
+            u = method.load_displacement(pair.fixed, pair.moving, dataset.shape, recipe)
+            runtime_s = peak_mem_mb = float("nan")
+        else:
+            batch = dataset.pair(pair.fixed, pair.moving)
+            fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
 
-        def call():
-            with torch.no_grad():
-                return method.register(net, fixed, moving, recipe)
+            def call():
+                with torch.no_grad():
+                    return method.register(net, fixed, moving, recipe)
 
-        displacement, runtime_s, peak_mem_mb = measure(call, device, runtime_repeats)
-        u = displacement[0].detach().cpu().double().numpy()
+            displacement, runtime_s, peak_mem_mb = measure(call, device, runtime_repeats)
+            u = displacement[0].detach().cpu().double().numpy()
+        if export_dir is not None:
+            learn2reg.write_displacement(Path(export_dir) / learn2reg.displacement_name(pair.fixed, pair.moving),
+                                         u, dataset.spacing)
         u_true = None
         if dataset.has_ground_truth(pair.fixed, pair.moving):
             u_true = dataset.true_displacement(pair.fixed, pair.moving)[0].double().numpy()

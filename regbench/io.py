@@ -80,15 +80,19 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def save_nifti(path, array: np.ndarray, spacing) -> None:
-    """Save a 2D or 3D array as NIfTI with a diagonal affine of the given voxel spacing (mm)."""
+def save_nifti(path, array: np.ndarray, spacing, affine: np.ndarray | None = None) -> None:
+    """Save an array as NIfTI: ``spacing`` (mm) gives the voxel size of the first len(spacing) axes
+    (trailing axes, such as vector components, get 1); ``affine`` defaults to diag(spacing)."""
     import nibabel as nib
 
-    affine = np.eye(4)
-    for axis, size in enumerate(spacing):
-        affine[axis, axis] = float(size)
-    image = nib.Nifti1Image(np.asarray(array), affine)
-    image.header.set_zooms(tuple(float(s) for s in spacing))
+    array = np.asarray(array)
+    if affine is None:
+        affine = np.eye(4)
+        for axis, size in enumerate(spacing[:3]):
+            affine[axis, axis] = float(size)
+    image = nib.Nifti1Image(array, affine)
+    zooms = [float(s) for s in spacing] + [1.0] * (array.ndim - len(spacing))
+    image.header.set_zooms(tuple(zooms[: array.ndim]))
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
 
