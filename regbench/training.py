@@ -71,11 +71,11 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         total.backward()
         optimiser.step()
         if iteration % log_every == 0 or iteration == iterations - 1:
-            row = {"iteration": iteration, "loss": float(total)}
-            row.update({name: float(value) for name, (_, value) in terms.items()})
+            row = {"iteration": iteration, "loss": float(total.detach())}
+            row.update({name: float(value.detach()) for name, (_, value) in terms.items()})
             log_rows.append(row)
             if progress:
-                bar.set_postfix(loss=f"{float(total):.4f}")
+                bar.set_postfix(loss=f"{float(total.detach()):.4f}")
         if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < iterations:
             elapsed = time.perf_counter() - started
             save_checkpoint(iteration + 1)
