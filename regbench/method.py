@@ -20,7 +20,7 @@ evaluation label values, int64) when the dataset has segmentations.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +33,15 @@ TRAINING_KEYS = {
     "checkpoint_every": "iterations between checkpoints",
     "log_every": "iterations between rows of train_log.csv",
 }
+
+
+class TrainingStage(NamedTuple):
+    """A stage of training: ``iterations`` steps of a fresh Adam over ``parameters`` (the rest frozen)."""
+
+    name: str
+    iterations: int
+    parameters: list
+    lr: float | None = None  # None: the recipe's lr
 
 
 class RegistrationMethod:
@@ -69,6 +78,17 @@ class RegistrationMethod:
             raise NotImplementedError(f"method {self.name!r} must implement build()")
         return None
 
+    def training_stages(self, net: nn.Module, recipe: dict[str, Any]) -> list[TrainingStage]:
+        """Stages trained one after another (DLIR trains its stages with earlier ones frozen).
+
+        Default: one stage of ``recipe["iterations"]`` steps over every parameter. The loop calls
+        :meth:`start_stage` before each stage's first step (also when it resumes inside a stage).
+        """
+        return [TrainingStage("all", int(recipe["iterations"]), list(net.parameters()))]
+
+    def start_stage(self, net: nn.Module, index: int, recipe: dict[str, Any]) -> None:
+        """Called before training stage ``index``; a method with stages records it on ``net``."""
+
     def loss_terms(self, net: nn.Module, batch: dict[str, torch.Tensor],
                    recipe: dict[str, Any]) -> dict[str, tuple[float, torch.Tensor]]:
         raise NotImplementedError(f"method {self.name!r} must implement loss_terms()")
@@ -90,7 +110,7 @@ def _same_kind(value: Any, reference: Any) -> bool:
 
 
 def parameter_count(net: nn.Module | None) -> int:
-    """Number of trainable parameters (0 for methods without a network)."""
+    """Number of parameters of the network (0 for methods without one)."""
     if net is None:
         return 0
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return sum(p.numel() for p in net.parameters())

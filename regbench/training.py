@@ -8,6 +8,8 @@ ends with the weights of an uninterrupted one.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
 from pathlib import Path
@@ -35,24 +37,42 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     device = torch.device(device)
     seed_everything(seed)
     net = method.build(dataset.ndim, recipe).to(device)
-    optimiser = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
-    iterations = int(recipe["iterations"])
+    stages = method.training_stages(net, recipe)
+    ends = list(itertools.accumulate(stage.iterations for stage in stages))
+    iterations = ends[-1]
     checkpoint_every = int(recipe.get("checkpoint_every", 100))
     log_every = int(recipe.get("log_every", 10))
 
+    def stage_of(iteration: int) -> int:
+        return bisect.bisect_right(ends, iteration)
+
+    def begin(index: int) -> torch.optim.Optimizer:
+        """Freeze every parameter outside the stage; a fresh Adam over the stage's parameters."""
+        stage = stages[index]
+        active = {id(p) for p in stage.parameters}
+        for parameter in net.parameters():
+            parameter.requires_grad_(id(parameter) in active)
+        method.start_stage(net, index, recipe)
+        return torch.optim.Adam(stage.parameters, lr=stage.lr if stage.lr is not None else recipe["lr"])
+
     checkpoint_path = out_dir / "checkpoint.pt"
     start, log_rows, elapsed = 0, [], 0.0
+    saved_optimiser = None
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         if state["recipe"] == recipe and state["seed"] == seed:
             net.load_state_dict(state["net"])
-            optimiser.load_state_dict(state["optimiser"])
+            saved_optimiser = (state["stage"], state["optimiser"])
             torch.set_rng_state(state["rng"])
             start, log_rows, elapsed = state["iteration"], state["log"], state["elapsed_s"]
+    current = stage_of(start) if start < iterations else len(stages) - 1
+    optimiser = begin(current)
+    if saved_optimiser is not None and saved_optimiser[0] == current:  # a checkpoint at a stage's start has none
+        optimiser.load_state_dict(saved_optimiser[1])
 
     def save_checkpoint(iteration: int) -> None:
         with atomic_path(checkpoint_path) as tmp:
-            torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(),
+            torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(), "stage": current,
                         "rng": torch.get_rng_state(), "iteration": iteration, "log": log_rows,
                         "elapsed_s": elapsed, "recipe": recipe, "seed": seed}, tmp)
 
@@ -60,6 +80,9 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     bar = _progress(range(start, iterations), progress, method.name)
     started = time.perf_counter() - elapsed
     for iteration in bar:
+        if stage_of(iteration) != current:
+            current = stage_of(iteration)
+            optimiser = begin(current)
         batch = {k: v.to(device) for k, v in training_batch(dataset, iteration, int(recipe["batch_size"]), seed).items()}
         terms = method.loss_terms(net, batch, recipe)
         total = sum(weight * value for weight, value in terms.values())
@@ -71,7 +94,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         total.backward()
         optimiser.step()
         if iteration % log_every == 0 or iteration == iterations - 1:
-            row = {"iteration": iteration, "loss": float(total.detach())}
+            row = {"iteration": iteration, "stage": stages[current].name, "loss": float(total.detach())}
             row.update({name: float(value.detach()) for name, (_, value) in terms.items()})
             log_rows.append(row)
             if progress:
@@ -92,6 +115,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     write_csv(out_dir / "train_log.csv", pd.DataFrame(log_rows))
     write_json(out_dir / "train.json", summary)
     checkpoint_path.unlink(missing_ok=True)
+    for parameter in net.parameters():
+        parameter.requires_grad_(True)
     return summary
 
 

@@ -1,0 +1,121 @@
+"""The training loop: resumes to identical weights, trains stages with earlier ones frozen, stops on NaN."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from regbench.data import PreparedDataset
+from regbench.dataset import write_prepared
+from regbench.io import save_nifti
+from regbench.losses import mse
+from regbench.method import RegistrationMethod, TrainingStage
+from regbench.spatial import warp
+from regbench.training import TrainingDiverged, load_trained, train
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny") / "prepared"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        image = rng.random((16, 16)).astype(np.float32)
+        seg = (image > 0.5).astype(np.int16)
+        save_nifti(root / f"i{i}.nii.gz", image, (1, 1))
+        save_nifti(root / f"s{i}.nii.gz", seg, (1, 1))
+        rows.append({"subject": f"n{i}", "split": "train" if i < 3 else "test", "image": f"i{i}.nii.gz",
+                     "seg": f"s{i}.nii.gz"})
+    write_prepared(root, name="tiny", ndim=2, shape=(16, 16), spacing=(1, 1), subjects=pd.DataFrame(rows),
+                   labels=pd.DataFrame({"label": [1], "name": ["bright"]}),
+                   pairs=pd.DataFrame({"split": ["test"], "fixed": ["n3"], "moving": ["n0"]}))
+    return PreparedDataset(root)
+
+
+class TwoStageNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(2, 2, 3, padding=1)
+        self.second = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, moving, fixed):
+        return self.second(self.first(torch.cat([moving, fixed], 1)))
+
+
+class TwoStages(RegistrationMethod):
+    """A toy two-stage method: stage 'first' trains one conv, stage 'second' the other."""
+    name = "two_stages"
+    recipes = {"quick": {"iterations": 0, "batch_size": 2, "lr": 1e-2, "checkpoint_every": 2, "log_every": 1,
+                         "first": 4, "second": 4}}
+
+    def __init__(self, fail_at=None, nan_at=None):
+        self.fail_at, self.nan_at, self.calls, self.snapshots = fail_at, nan_at, 0, {}
+
+    def build(self, ndim, recipe):
+        torch.manual_seed(0)
+        return TwoStageNet()
+
+    def training_stages(self, net, recipe):
+        return [TrainingStage("first", recipe["first"], list(net.first.parameters())),
+                TrainingStage("second", recipe["second"], list(net.second.parameters()))]
+
+    def start_stage(self, net, index, recipe):
+        self.snapshots[index] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def loss_terms(self, net, batch, recipe):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        u = net(batch["moving"], batch["fixed"])
+        similarity = mse(batch["fixed"], warp(batch["moving"], u))
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            similarity = similarity * float("nan")
+        return {"similarity": (1.0, similarity), "smoothness": (0.1, (u ** 2).mean())}
+
+    def register(self, net, fixed, moving, recipe):
+        return net(moving, fixed)
+
+
+def test_stages_freeze_the_other_parameters(tiny_dataset, tmp_path):
+    method = TwoStages()
+    recipe = method.recipe("quick")
+    train(method, recipe, tiny_dataset, tmp_path)
+    net, _ = load_trained(method, tmp_path / "model.pt")
+    start, middle = method.snapshots[0], method.snapshots[1]
+    final = net.state_dict()
+    # during 'first' only the first conv moved; during 'second' only the second
+    assert not torch.equal(start["first.weight"], middle["first.weight"])
+    assert torch.equal(start["second.weight"], middle["second.weight"])
+    assert torch.equal(middle["first.weight"], final["first.weight"])
+    assert not torch.equal(middle["second.weight"], final["second.weight"])
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert list(log["stage"]) == ["first"] * 4 + ["second"] * 4
+    assert set(log.columns) >= {"iteration", "loss", "similarity", "smoothness"}
+    np.testing.assert_allclose(log["loss"], log["similarity"] + 0.1 * log["smoothness"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("killed_at", [3, 6])  # inside the first stage, and inside the second
+def test_a_killed_training_resumes_to_the_same_weights(tiny_dataset, tmp_path, killed_at):
+    recipe = TwoStages().recipe("quick")
+    train(TwoStages(), recipe, tiny_dataset, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(TwoStages(fail_at=killed_at), recipe, tiny_dataset, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists() and not (tmp_path / "resumed" / "model.pt").exists()
+    resumed = TwoStages()
+    train(resumed, recipe, tiny_dataset, tmp_path / "resumed")
+    assert resumed.calls == 8 - (killed_at - 1) // 2 * 2  # it went on from the last checkpoint, not from 0
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["net"]
+    again = torch.load(tmp_path / "resumed" / "model.pt", weights_only=False)["net"]
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "straight" / "train_log.csv"),
+                                  pd.read_csv(tmp_path / "resumed" / "train_log.csv"))
+
+
+def test_a_nan_loss_stops_with_the_method_iteration_and_term(tiny_dataset, tmp_path):
+    method = TwoStages(nan_at=4)
+    with pytest.raises(TrainingDiverged, match=r"two_stages: loss term 'similarity' is nan at iteration 3"):
+        train(method, method.recipe("quick"), tiny_dataset, tmp_path)
+    assert (tmp_path / "checkpoint.pt").exists()  # the last good checkpoint (iteration 2) is kept
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert not (tmp_path / "model.pt").exists()
