@@ -41,6 +41,10 @@ Subjects
     ``exp(b)`` (cubic B-spline, 3 intervals per axis, largest ``|b|`` = ``bias``), Gaussian noise of standard
     deviation uniform in [``noise``/2, ``noise``] inside the brain (the background stays 0, as in
     skull-stripped data), clipped to [0, 1].
+    Second contrast (``image_t2``), for the multi-contrast methods: each template's full aseg (dropped labels
+    included) remapped to T2-like intensities by :func:`regbench.contrast.label_contrast` (CSF bright, white
+    matter dark; tissue without a label CSF-like; blurred by half a voxel), sampled through the same ``psi_s``,
+    with the subject's bias field and its own noise: the same anatomy as the T1, in another contrast.
 
 Labels (labels.csv: FreeSurfer's numbers and FreeSurferColorLUT names)
     Every aseg structure is kept except those that are not anatomical structures or too small to score:
@@ -58,7 +62,8 @@ Splits and pairs
     subjects within each template (``n - 1`` per template, ground truth known) and ``n`` cross-template pairs
     (i-th fsaverage with i-th xhemi subject, which is fixed alternating). Defaults: 7 + 7 + 8 = 22 test pairs.
     Only val and test subjects store a ground-truth transform. Subject ids: ``<template>_<split>_<NN>``;
-    files ``images/<id>.nii.gz`` (float32), ``segs/<id>.nii.gz`` (int16), ``transforms/<id>.npz``.
+    files ``images/<id>.nii.gz`` and ``images_t2/<id>.nii.gz`` (float32), ``segs/<id>.nii.gz`` (int16),
+    ``transforms/<id>.npz``.
 
 Defaults and what they give (seed 0, test pairs)
     2D: 20 / 2 / 8 subjects per template, largest velocity 5 px, control spacing 16 px, rotation 2 degrees,
@@ -86,6 +91,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from regbench.contrast import label_contrast
 from regbench.dataset import DatasetSource, write_prepared
 from regbench.io import InputError, atomic_path, save_nifti
 from regbench.spatial import compose_displacements, identity_grid, integrate_velocity, warp, warp_labels
@@ -144,6 +150,7 @@ class Templates:
     """The two templates on the padded grid."""
 
     images: dict[str, np.ndarray]   # float32 in [0, 1]
+    t2_images: dict[str, np.ndarray]  # float32 in [0, 1]: the T2-like second contrast
     segs: dict[str, np.ndarray]     # int64, dropped labels set to 0
     labels: list[int]               # evaluation labels
     spacing: tuple[float, ...]
@@ -224,15 +231,27 @@ def load_templates(ndim: int, data_dir: Path = DATA_DIR, margin_mm: float = 10.0
     unknown = [v for v in labels if v not in LABEL_NAMES]
     if unknown:
         raise InputError(f"{data_dir / names[0]}: aseg values {unknown} are not FreeSurfer aseg labels")
-    images, segs = {}, {}
+    images, t2_images, segs = {}, {}, {}
     for template in TEMPLATES:
         image = np.zeros(shape, dtype=np.float32)
         image[dst] = raw_images[template][src].astype(np.float32) / scale
         aseg = raw_asegs[template].astype(np.int64)
         seg = np.zeros(shape, dtype=np.int64)
         seg[dst] = np.where(np.isin(aseg, labels), aseg, 0)[src]
+        full_aseg = np.zeros(shape, dtype=np.int64)
+        full_aseg[dst] = aseg[src]
         images[template], segs[template] = image, seg
-    return Templates(images, segs, labels, spacing, shape, offset, checksums)
+        t2_images[template] = t2_template(full_aseg, image > 0)
+    return Templates(images, t2_images, segs, labels, spacing, shape, offset, checksums)
+
+
+def t2_template(aseg: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """The template's T2-like image: every aseg label (the dropped ones too) remapped by
+    :data:`regbench.contrast.T2_LIKE`, unlabelled tissue CSF-like, a blur of half a voxel."""
+    with torch.no_grad():
+        image = label_contrast(torch.from_numpy(aseg)[None, None], blur_sigma=0.5,
+                               tissue=torch.from_numpy(tissue)[None, None])
+    return image[0, 0].numpy()
 
 
 def bspline_matrix(size: int, spacing: float) -> np.ndarray:
@@ -312,8 +331,14 @@ def make_subject(templates: Templates, template: str, rng: np.random.Generator, 
     out = np.where(brain, out + noise_std * noise, 0.0)
     seg = warp_labels(torch.from_numpy(templates.segs[template])[None, None], to_template[None])[0, 0]
 
-    subject = {"image": np.clip(out, 0, 1).astype(np.float32), "seg": seg.numpy().astype(np.int16),
-               "to_template": to_template.numpy()}
+    # the T2-like twin: the same anatomy and bias field, its own noise (drawn after everything above, so the
+    # T1 image does not depend on it)
+    t2 = warp(torch.from_numpy(templates.t2_images[template])[None, None], to_template[None])[0, 0].numpy()
+    t2_noise_std = rng.uniform(options["noise"] / 2, options["noise"])
+    t2 = np.where(brain, t2.astype(np.float64) * np.exp(log_bias) + t2_noise_std * rng.standard_normal(shape), 0.0)
+
+    subject = {"image": np.clip(out, 0, 1).astype(np.float32), "image_t2": np.clip(t2, 0, 1).astype(np.float32),
+               "seg": seg.numpy().astype(np.int16), "to_template": to_template.numpy()}
     if with_inverse:
         u_phi_inverse = integrate_velocity(-v, steps=steps)
         inverse_matrix = np.linalg.inv(matrix)
@@ -395,7 +420,9 @@ class EmbeddedBrains(DatasetSource):
                     with_gt = split != "train"
                     subject = make_subject(templates, template, rng, options, with_inverse=with_gt)
                     image_rel, seg_rel = f"images/{subject_id}.nii.gz", f"segs/{subject_id}.nii.gz"
+                    t2_rel = f"images_t2/{subject_id}.nii.gz"
                     save_nifti(prepared_dir / image_rel, subject["image"], templates.spacing)
+                    save_nifti(prepared_dir / t2_rel, subject["image_t2"], templates.spacing)
                     save_nifti(prepared_dir / seg_rel, subject["seg"], templates.spacing)
                     gt_rel = None
                     if with_gt:
@@ -403,8 +430,8 @@ class EmbeddedBrains(DatasetSource):
                         write_npz(prepared_dir / gt_rel, {"to_template": subject["to_template"],
                                                           "from_template": subject["from_template"]})
                     rows.append({"subject": subject_id, "split": split, "image": image_rel, "seg": seg_rel,
-                                 "template": template, "gt_transform": gt_rel})
-        return pd.DataFrame(rows, columns=["subject", "split", "image", "seg", "template", "gt_transform"])
+                                 "image_t2": t2_rel, "template": template, "gt_transform": gt_rel})
+        return pd.DataFrame(rows, columns=["subject", "split", "image", "seg", "image_t2", "template", "gt_transform"])
 
 
 @contextlib.contextmanager

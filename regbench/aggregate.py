@@ -61,6 +61,7 @@ def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> tuple[pd
         if "label_warp" in table:
             row["label_warp"] = "+".join(sorted(set(table["label_warp"])))
         row.update(_training_facts(dataset_dir / method_id))
+        row["moving_contrast"] = _moving_contrast(dataset_dir / method_id)
         rows.append(row)
     reference = next(iter(pair_sets.values()))
     for method_id, pairs in pair_sets.items():
@@ -94,6 +95,19 @@ def _training_facts(method_dir: Path) -> dict:
     elif (method_dir / "eval.json").exists():
         facts["parameters"] = read_json(method_dir / "eval.json").get("parameters", 0)
     return facts
+
+
+def _moving_contrast(method_dir: Path) -> str:
+    """The moving image's contrast the method was evaluated with: "image" (the primary one) or e.g. "t2"."""
+    if (method_dir / "eval.json").exists():
+        return str(read_json(method_dir / "eval.json").get("moving_contrast", "image"))
+    return "image"
+
+
+def method_label(row) -> str:
+    """The method's name, and the moving contrast when it is not the dataset's primary image."""
+    contrast = row.get("moving_contrast", "image")
+    return str(row["method"]) + ("" if pd.isna(contrast) or contrast == "image" else f" (moving: {contrast})")
 
 
 def failed_methods(results_dir, dataset_id: str) -> dict[str, str]:
@@ -131,7 +145,7 @@ def markdown_table(board: pd.DataFrame) -> str:
             text = fmt.format(mean) + ("" if pd.isna(std) else " ± " + fmt.format(std))
             cells.append(f"**{text}**" if name in best and mean == best[name] else text)
         mark = " ◆" if row.get("dice_not_worse") in (True, "True") else ""
-        lines.append(f"| {row['method']}{mark} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
+        lines.append(f"| {method_label(row)}{mark} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,16 @@ class PreparedDataset:
     def name(self) -> str:
         return self.info["id"]
 
+    @property
+    def contrasts(self) -> list[str]:
+        """The extra contrasts served besides ``image`` (``"t2"`` for a column ``image_t2``)."""
+        return [c[len("image_"):] for c in self.subjects.columns if c.startswith("image_")]
+
+    def moving_contrast(self, method) -> str | None:
+        """The contrast ``method`` gets as its moving image here: its ``moving_contrast`` if served, else None."""
+        wanted = getattr(method, "moving_contrast", None)
+        return wanted if wanted in self.contrasts else None
+
     def split_subjects(self, split: str) -> list[str]:
         return self.subjects.index[self.subjects["split"] == split].tolist()
 
@@ -99,9 +109,11 @@ class PreparedDataset:
                              f"but dataset.json says {self.shape}")
 
 
-def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, seed: int,
+                   contrast: str | None = None) -> dict[str, torch.Tensor]:
     """The batch of a training iteration: random ordered pairs of distinct training subjects.
 
+    ``contrast``: the moving images' contrast (an ``image_<contrast>`` column; None: ``image``).
     The pairs depend only on (seed, iteration), not on what came before, so a resumed training run
     sees exactly the pairs an uninterrupted one sees.
     """
@@ -110,7 +122,7 @@ def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, se
         raise InputError(f"{dataset.root / 'subjects.csv'}: fewer than two training subjects")
     rng = np.random.default_rng([seed, iteration])
     pairs = [rng.choice(len(subjects), size=2, replace=False) for _ in range(batch_size)]
-    items = [dataset.pair(subjects[f], subjects[m]) for f, m in pairs]
+    items = [dataset.pair(subjects[f], subjects[m], contrast) for f, m in pairs]
     batch = {key: torch.cat([item[key] for item in items]) for key in items[0] if key != "labels"}
     batch["labels"] = items[0]["labels"]
     return batch

@@ -41,6 +41,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     if pairs.empty:
         raise ValueError(f"{dataset.root / 'pairs.csv'}: no {split} pairs")
     names = dict(zip(dataset.labels["label"], dataset.labels["name"]))
+    contrast = dataset.moving_contrast(method)  # e.g. "t2": the moving subject's T2 against the fixed T1
     pair_rows, label_rows = [], []
     iterator = pairs.itertuples(index=False)
     if progress:
@@ -52,7 +53,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
             u = method.load_displacement(pair.fixed, pair.moving, dataset.shape, recipe)
             runtime_s = peak_mem_mb = float("nan")
         else:
-            batch = dataset.pair(pair.fixed, pair.moving)
+            batch = dataset.pair(pair.fixed, pair.moving, contrast)
             fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
 
             def call():
@@ -82,7 +83,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     write_json(out_dir / "eval.json", {
         "method": method.name, "dataset": dataset.name, "split": split, "n_pairs": len(table),
         "label_warp": label_warp, "runtime_repeats": runtime_repeats, "device": str(device),
-        "precision": precision,
+        "precision": precision, "moving_contrast": contrast or "image",
         "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,
         "provenance": provenance or {},
     })

@@ -383,10 +383,9 @@ def mutual_information(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 10
     centres = torch.linspace(0, 1, bins, device=fixed.device, dtype=fixed.dtype)
     precision = 1.0 / (2 * (sigma_ratio / (bins - 1)) ** 2)
 
-    def weights(image):
+    def weights(image):  # exp(-precision d^2) normalised over the bins: a softmax (one fused pass)
         x = image.clamp(0, 1).reshape(batch, -1, 1)
-        w = torch.exp(-precision * (x - centres).square())
-        return w / w.sum(-1, keepdim=True)                          # B x N x bins
+        return torch.softmax(-precision * (x - centres).square(), dim=-1)   # B x N x bins
 
     w_a, w_b = weights(fixed), weights(warped)
     p_ab = torch.bmm(w_a.transpose(1, 2), w_b) / w_a.shape[1]       # B x bins x bins

@@ -15,7 +15,9 @@ A method that does not learn (identity, classical tools) sets ``trainable = Fals
 
 A batch is a dict of tensors: ``fixed``, ``moving`` (``B x 1 x *spatial``, float in [0, 1]);
 ``fixed_seg``, ``moving_seg`` (``B x 1 x *spatial``, int64 labels) and ``labels`` (the dataset's
-evaluation label values, int64) when the dataset has segmentations.
+evaluation label values, int64) when the dataset has segmentations. ``moving`` is in the contrast
+the method registers from (``moving_contrast``) when the dataset serves it; ``fixed`` is always the
+dataset's primary image.
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ class RegistrationMethod:
     #: True when training needs a classical tool's displacements for the training pairs (BIRNet);
     #: the workflow then computes them first and the batch carries ``supervision`` (B x ndim x *spatial).
     needs_supervision: bool = False
+    #: The moving image's contrast this method is made for (``"t2"``: the dataset's ``image_t2`` column), registered
+    #: to the fixed subject's primary image; training and evaluation serve it as ``moving`` where the dataset
+    #: has that column, the primary image elsewhere (eval.json records which). None: one contrast.
+    moving_contrast: str | None = None
     #: True when the method trains and registers correctly under autocast (config ``mixed_precision``);
     #: a method whose losses or integration need float32 throughout leaves it False.
     allows_mixed_precision: bool = False

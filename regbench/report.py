@@ -200,7 +200,7 @@ class DatasetSection:
             method = row["method"]
             color = _hex(self.colors.get(method, (0, 0, 0)))
             cells = [f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
-                     f"{html.escape(method)}</th>"]
+                     f"{html.escape(aggregate.method_label(row))}</th>"]
             for name, _, group, fmt, _ in columns:
                 cells.append(self._cell(row, name, group, fmt, *marks[name]))
             cells += [f"<td class='num'>{_count(row.get('parameters'))}</td>",

@@ -142,7 +142,8 @@ def training_batches(method, dataset, out_dir, recipe: dict[str, Any]):
     from regbench.data import training_batch
 
     if not getattr(method, "needs_supervision", False):
-        return lambda iteration, batch_size, seed: training_batch(dataset, iteration, batch_size, seed)
+        contrast = dataset.moving_contrast(method)
+        return lambda iteration, batch_size, seed: training_batch(dataset, iteration, batch_size, seed, contrast)
     supervision = Supervision(supervision_dir(out_dir), dataset.shape)
     n_pairs = recipe.get("supervision_pairs")
     if n_pairs is not None and len(supervision) < int(n_pairs):

@@ -70,6 +70,18 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, message):
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
 
 
+BENCHMARK_CONFIGS = [p for p in SHIPPED_CONFIGS if p.name not in ("embedded3d.yaml",)]
+
+
+@pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=lambda p: p.name)
+def test_every_benchmark_config_runs_every_method(path):
+    """The default run and each real dataset's config rank all eleven papers and the classical baselines."""
+    from regbench.plugins import method_ids
+
+    every = set(method_ids()) - {"external"}   # external scores the user's own files
+    assert set(yaml.safe_load(path.read_text())["methods"]) == every
+
+
 @pytest.mark.parametrize("path", [p for p in SHIPPED_CONFIGS if p.name != "config.yaml"], ids=lambda p: p.name)
 def test_every_shipped_config_dry_runs_without_its_data(path, tmp_path):
     result = subprocess.run(

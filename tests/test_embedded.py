@@ -165,6 +165,23 @@ def test_deformations_are_diffeomorphic_and_inverse(which, request):
         assert error.mean() < 0.03 and error.max() < 0.15
 
 
+@pytest.mark.parametrize("which", ["prepared2d", "prepared3d"])
+def test_second_contrast_is_the_same_anatomy_t2_weighted(which, request):
+    """image_t2: the subject's anatomy (one brain mask, aligned structures), with T2's order of intensities."""
+    ds = request.getfixturevalue(which)
+    assert ds.contrasts == ["t2"]
+    for subject in ds.split_subjects("test")[:2]:
+        t1, t2, seg = ds.image(subject), ds.image(subject, "t2"), ds.seg(subject)
+        assert t2.dtype == np.float32 and 0 <= t2.min() and t2.max() <= 1
+        brain_t1, brain_t2 = t1 > 0, t2 > 0   # one brain (noise clipped to 0 makes a few voxels differ)
+        assert 2 * (brain_t1 & brain_t2).sum() / (brain_t1.sum() + brain_t2.sum()) > 0.98
+        mean = {name: (t1[np.isin(seg, labels)].mean(), t2[np.isin(seg, labels)].mean())
+                for name, labels in (("white matter", [2, 41]), ("cortex", [3, 42]), ("ventricles", [4, 43]))}
+        # T1: white matter > cortex > CSF; T2: the reverse
+        assert mean["white matter"][0] > mean["cortex"][0] > mean["ventricles"][0], mean
+        assert mean["ventricles"][1] > mean["cortex"][1] > mean["white matter"][1] + 0.15, mean
+
+
 def test_prepare_is_deterministic_and_test_subjects_do_not_depend_on_n_train(tmp_path, prepared2d):
     source = load_dataset("embedded2d")
     first, second = tmp_path / "first", tmp_path / "second"
@@ -175,6 +192,7 @@ def test_prepare_is_deterministic_and_test_subjects_do_not_depend_on_n_train(tmp
     a, b = PreparedDataset(first), PreparedDataset(second)
     for subject in a.subjects["subject"]:
         assert np.array_equal(a.image(subject), b.image(subject))
+        assert np.array_equal(a.image(subject, "t2"), b.image(subject, "t2"))
         assert np.array_equal(a.seg(subject), b.seg(subject))
     for path in (first / "transforms").iterdir():
         assert path.read_bytes() == (second / "transforms" / path.name).read_bytes()
@@ -230,6 +248,6 @@ def test_shipped_files_match_their_checksums():
 
 def test_subjects_table_round_trips(prepared2d):
     table = pd.read_csv(prepared2d.root / "subjects.csv")
-    assert list(table.columns) == ["subject", "split", "image", "seg", "template", "gt_transform"]
+    assert list(table.columns) == ["subject", "split", "image", "seg", "image_t2", "template", "gt_transform"]
     info = json.loads((prepared2d.root / "dataset.json").read_text())
     assert info["provenance"]["shipped_sha256"].keys() == {"fsaverage_2d.npz", "xhemi_2d.npz"}
