@@ -28,8 +28,8 @@ microsoft/Recursive-Cascaded-Networks):
 - As in methods/vtn.py: the affine head average-pools the coarsest map to 2^d (any image size works),
   the heads and each cascade's last layer start near zero, the rest uses tflearn's uniform scaling;
   training augments the moving image with a random cubic B-spline deformation and halves Adam's rate
-  after 60 % and 80 % of the iterations, each halving a new training stage (Adam's moments restart
-  there; the code keeps them); images are warped with border padding (the code clamps).
+  after 60 % and 80 % of the iterations (Adam's moments kept, as the code); images are warped with border
+  padding (the code clamps).
 """
 from __future__ import annotations
 

@@ -33,8 +33,8 @@ Choices where the paper, the code and this file differ (spec/methods/vtn.md):
   layer uses tflearn's uniform-scaling initialisation, as the code.
 - Training follows the code: a random cubic B-spline deformation of the moving image (``augmentation``:
   control values up to 0.4 x size / 4 voxels; training only) and Adam whose rate halves after 60 % and
-  80 % of the iterations (``lr_halvings``). Each halving starts a new training stage, so Adam's moment
-  estimates restart there (the code keeps them). Images are warped with border padding (the code clamps).
+  80 % of the iterations (``lr_halvings``), its moment estimates kept across the halvings, as the code.
+  Images are warped with border padding (the code clamps).
 """
 from __future__ import annotations
 

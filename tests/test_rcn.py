@@ -64,8 +64,8 @@ def test_recipes_hold_the_codes_numbers(rcn):
         (1.0, 1.0, 0.1, 0.1)
     assert (paper["lr"], paper["batch_size"], paper["iterations"], paper["lr_halvings"]) == (1e-4, 4, 100_000, [0.6, 0.8])
     assert (paper["augmentation"], paper["warp_gradient"]) == (0.4, True)
-    assert [(s.iterations, s.lr) for s in rcn.training_stages(small(rcn)[0], paper)] == \
-        [(60_000, 1e-4), (20_000, 5e-5), (20_000, 2.5e-5)]
+    assert [(s.iterations, s.lr, s.lr_decay) for s in rcn.training_stages(small(rcn)[0], paper)] == \
+        [(100_000, 1e-4, ([60_000, 80_000], 0.5))]
 
 
 def test_similarity_is_on_the_final_warped_image_only(rcn):

@@ -66,13 +66,15 @@ def test_recipes_hold_the_codes_numbers(vtn):
 def test_paper_schedule_halves_the_rate_after_epochs_3_and_4(vtn):
     net, _ = build(vtn, 2, width=4, affine_width=4, levels=3)
     stages = vtn.training_stages(net, vtn.recipe("paper"))
-    assert [(s.iterations, s.lr) for s in stages] == [(60_000, 1e-4), (20_000, 5e-5), (20_000, 2.5e-5)]
-    assert all(len(s.parameters) == len(list(net.parameters())) for s in stages)
-    # the quick recipe keeps the schedule on its own budget; no halvings is one stage at the recipe's rate
+    # one stage (one Adam, its moments kept, as the code), the rate halved at 60k and 80k
+    assert [(s.iterations, s.lr, s.lr_decay) for s in stages] == [(100_000, 1e-4, ([60_000, 80_000], 0.5))]
+    assert len(stages[0].parameters) == len(list(net.parameters()))
+    # the quick recipe keeps the schedule on its own budget; no halvings is a constant rate
     quick = vtn.training_stages(net, vtn.recipe("quick", {"iterations": 500}))
-    assert [(s.iterations, s.lr) for s in quick] == [(300, 1e-3), (100, 5e-4), (100, 2.5e-4)]
+    assert [(s.iterations, s.lr, s.lr_decay) for s in quick] == [(500, 1e-3, ([300, 400], 0.5))]
     flat = vtn.training_stages(net, vtn.recipe("quick", {"lr_halvings": []}))
-    assert [(s.name, s.iterations, s.lr) for s in flat] == [("all", vtn.recipe("quick")["iterations"], 1e-3)]
+    assert [(s.name, s.iterations, s.lr, s.lr_decay) for s in flat] == [
+        ("all", vtn.recipe("quick")["iterations"], 1e-3, None)]
 
 
 def test_dense_subnetwork_has_the_codes_layers():
