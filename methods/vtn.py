@@ -82,8 +82,8 @@ class Method(RegistrationMethod):
         },
         # The default CPU run (embedded2d, 176 x 176): the spec's small configuration (c = 8, 5 levels,
         # affine widths halved, "ADD") with every term, the augmentation and the schedule, one pair a step
-        # at 10x the step size. 600 steps take about 40 s of one CPU thread; on a small embedded2d (8
-        # training subjects per template) the mean test Dice goes from 0.56 unregistered to 0.71.
+        # at 10x the step size. 600 steps take about 35 s of one CPU thread; mean test Dice of the default
+        # run (22 pairs) 0.685, 0.602 unregistered.
         "quick": {
             **_COMMON,
             "n_cascades": 2,
