@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from archives import IXI_SUBJECTS, ixi_archives, lpba40_zip, oasis_tar, serve
 from regbench.download import extract_members, fetch, sha256
 from regbench.io import InputError
-from regbench.plugins import load_dataset
+from regbench.data import PreparedDataset
+from regbench.plugins import load_dataset, load_method
 
 ROOT = Path(__file__).resolve().parents[1]
 # train: 1-3; Learn2Reg validation pair 0395->0396; test pairs 0415->0416 and 0416->0417
@@ -79,6 +81,14 @@ evaluation:
         board = pd.read_csv(workdir / "results" / dataset / "leaderboard.csv")
         assert list(board["method"]) == ["identity"] and board.loc[0, "n_pairs"] == n_pairs
         assert 0 < board.loc[0, "dice_mean"] < 1
+    # IXI serves each subject's T2 on its T1's grid: the multi-contrast method gets it as its moving image
+    ixi = PreparedDataset(workdir / "data" / "ixi" / "prepared")
+    assert ixi.contrasts == ["t2"] and ixi.moving_contrast(load_method("ctf_multicontrast")) == "t2"
+    assert PreparedDataset(workdir / "data" / "oasis" / "prepared").moving_contrast(load_method("ctf_multicontrast")) is None
+    test_pair = ixi.split_pairs("test").iloc[0]
+    batch = ixi.pair(test_pair.fixed, test_pair.moving, "t2")
+    assert batch["moving"].shape == batch["fixed"].shape == (1, 1, 40, 48, 40)
+    assert not torch.equal(batch["moving"], ixi.pair(test_pair.fixed, test_pair.moving)["moving"])
     pairs = pd.read_csv(workdir / "data" / "oasis" / "prepared" / "pairs.csv")
     assert pairs.values.tolist() == [["val", "OASIS_OAS1_0395_MR1", "OASIS_OAS1_0396_MR1"],
                                      ["test", "OASIS_OAS1_0415_MR1", "OASIS_OAS1_0416_MR1"],
