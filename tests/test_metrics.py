@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from regbench import metrics as M
+from regbench.metrics import jacobian
 
 # --------------------------------------------------------------------------------------------------
 # helpers: straightforward per-label implementations
@@ -338,7 +339,7 @@ def test_field_metrics_match_straightforward(shape):
         assert M.ndv(u) == pytest.approx(naive_ndv(u), abs=1e-10)
         u32 = u.astype(np.float32)  # float32 follows numpy.gradient in float32 bit for bit
         g = [[np.gradient(u32[c], axis=k) + np.float32(c == k) for k in range(len(shape))] for c in range(len(shape))]
-        np.testing.assert_array_equal(M.jacobian_determinant(u32), M._det(g))
+        np.testing.assert_array_equal(M.jacobian_determinant(u32), jacobian._det(g))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
@@ -349,10 +350,10 @@ def test_field_metrics_do_not_depend_on_slabs(monkeypatch, rows):
     u = smooth_field(shape, 1.5, 3.0, rng)  # rough: the NDV switches to its dense path mid-way
     u[:, :4] = smooth_field((4, 12, 11), 3, 0.3, rng)  # smooth start: its sparse path first
     mask = rng.random(shape) < 0.5
-    whole = M._field_pass(u, mask=mask, want_ndv=True)
-    monkeypatch.setattr(M, "_slab_rows", lambda n0, per_row, target=None: rows)
+    whole = jacobian._field_pass(u, mask=mask, want_ndv=True)
+    monkeypatch.setattr(jacobian, "_slab_rows", lambda n0, per_row, target=None: rows)
     det = M.jacobian_determinant(u)
-    thin = M._field_pass(u, mask=mask, want_ndv=True)
+    thin = jacobian._field_pass(u, mask=mask, want_ndv=True)
     np.testing.assert_allclose(det, naive_det(u), atol=1e-12)
     for key in whole:
         assert thin[key] == pytest.approx(whole[key], abs=1e-12)
