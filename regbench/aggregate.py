@@ -125,7 +125,7 @@ def write_leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd
 
 
 def markdown_table(board: pd.DataFrame) -> str:
-    """A GitHub-flavoured table: mean ± std per metric, the best value of each column in bold."""
+    """A GitHub-flavoured table: mean ± std per metric; in bold, every mean that prints as the column's best."""
     columns = [c for c in MARKDOWN_COLUMNS if f"{c[0]}_mean" in board]
     header = "| method | " + " | ".join(h for _, h, _, _ in columns) + " | pairs |"
     rule = "|---|" + "---:|" * len(columns) + "---:|"
@@ -143,7 +143,8 @@ def markdown_table(board: pd.DataFrame) -> str:
                 cells.append("–")
                 continue
             text = fmt.format(mean) + ("" if pd.isna(std) else " ± " + fmt.format(std))
-            cells.append(f"**{text}**" if name in best and mean == best[name] else text)
+            tied = name in best and fmt.format(mean) == fmt.format(best[name])  # the best, as printed
+            cells.append(f"**{text}**" if tied else text)
         mark = " ◆" if row.get("dice_not_worse") in (True, "True") else ""
         lines.append(f"| {method_label(row)}{mark} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
     return "\n".join(lines)

@@ -236,7 +236,7 @@ class DatasetSection:
         title = ""
         mark = ""
         best_mean = self.board.set_index("method").at[best, key] if best is not None else np.nan
-        if method == best or mean == best_mean:
+        if method == best or (pd.notna(best_mean) and fmt.format(mean) == fmt.format(best_mean)):  # ties as printed
             classes.append("best")
             mark = "◆"
             title = "the best mean"
