@@ -193,11 +193,16 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h"
 
 
+#: loss-term panels per row of the training curves
+CURVE_COLUMNS = 7
+
+
 def training_curves(logs: dict[str, pd.DataFrame], path, colors: dict) -> None:
     """Every logged loss term against the iteration, a row per trained method: the weighted total first
     (``loss``), then each term unweighted as ``loss_terms`` returned it (train_log.csv).
 
-    A panel uses a log scale when its values are positive and span more than a decade; long logs get a
+    At most :data:`CURVE_COLUMNS` panels a row (more terms wrap onto the next row). A panel uses a log
+    scale when its values are positive and span more than a decade; long logs get a
     running mean over the raw values; training stages (``stage``) are separated by dotted lines.
     """
     style.apply()
@@ -209,18 +214,22 @@ def training_curves(logs: dict[str, pd.DataFrame], path, colors: dict) -> None:
         return
     terms = {m: ["loss"] + [c for c in log.columns if c not in ("iteration", "stage", "loss")]
              for m, log in logs.items()}
-    ncols = max(len(t) for t in terms.values())
+    # a method with many terms (the pyramid logs each level's) wraps onto more rows of CURVE_COLUMNS panels
+    rows = [(method, terms[method][start:start + CURVE_COLUMNS], start == 0, start + CURVE_COLUMNS >= len(terms[method]))
+            for method in logs for start in range(0, len(terms[method]), CURVE_COLUMNS)]
+    ncols = max(len(panels) for _, panels, _, _ in rows)
     panel = min(2.7, style.MAX_WIDTH / ncols)
-    fig, axes = plt.subplots(len(logs), ncols, figsize=(panel * ncols, 1.9 * len(logs) + 0.5), squeeze=False,
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(panel * ncols, 1.9 * len(rows) + 0.5), squeeze=False,
                              layout="constrained")
-    for row, (method, log) in enumerate(logs.items()):
-        color = colors.get(method, "black")
+    for index, (method, panels, first, last) in enumerate(rows):
+        log, color = logs[method], colors.get(method, "black")
+        below = len(rows[index + 1][1]) if not last else 0   # panels of this method on the next row
         for col in range(ncols):
-            axis = axes[row, col]
-            if col >= len(terms[method]):
+            axis = axes[index, col]
+            if col >= len(panels):
                 axis.axis("off")
                 continue
-            term = terms[method][col]
+            term = panels[col]
             x, y = log["iteration"].to_numpy(float), log[term].to_numpy(float)
             window = max(1, len(y) // 25)
             if window > 1:
@@ -241,9 +250,10 @@ def training_curves(logs: dict[str, pd.DataFrame], path, colors: dict) -> None:
             axis.tick_params(labelsize="x-small")
             axis.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
             axis.yaxis.get_offset_text().set_fontsize("x-small")
-            if row == len(logs) - 1 or col >= len(terms[list(logs)[row + 1]]):
+            if col >= below:
                 axis.set_xlabel("iteration", fontsize="small")
-        axes[row, 0].set_ylabel(method, fontsize="medium", fontweight="bold", color=_darker(color))
+        if first:
+            axes[index, 0].set_ylabel(method, fontsize="medium", fontweight="bold", color=_darker(color))
     style.save(fig, path)
 
 
