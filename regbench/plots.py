@@ -98,22 +98,27 @@ def accuracy_regularity(board: pd.DataFrame, path, colors: dict) -> None:
 
 
 def _place_labels(fig, labels: list[tuple]) -> None:
-    """Name each point beside it, moving a name up or down until it overlaps no name placed before."""
+    """Name each point beside it. From the highest point down, a name that would overlap one placed before
+    moves down just below it, so names keep the order of their points; a moved name gets a thin line to
+    its point."""
     fig.canvas.draw()  # settle the layout: positions on the canvas are final
     size = plt.rcParams["font.size"] * 0.83 * fig.dpi / 72  # "small" text height in pixels
     placed = []
     for axis, x, y, text, color in sorted(labels, key=lambda item: -item[2]):
         px, py = axis.transData.transform((x, y))
         width = 0.6 * size * len(text)
-        for step in (0, -1, 1, -2, 2, -3, 3, -4, 4):
-            left, bottom = px + 7, py + 2 + step * 1.15 * size
+        left, bottom = px + 7, py - 0.5 * size
+        while True:
             box = (left, bottom, left + width, bottom + size)
-            if not any(_overlap(box, other) for other in placed):
+            hits = [other for other in placed if _overlap(box, other)]
+            if not hits:
                 break
+            bottom = min(other[1] for other in hits) - 0.15 * size - size
         placed.append(box)
-        axis.annotate(text, (x, y), xytext=((box[0] - px) * 72 / fig.dpi, (box[1] - py) * 72 / fig.dpi),
-                      textcoords="offset points", fontsize="small", color=color, va="bottom",
-                      arrowprops=None)
+        moved = abs(bottom - (py - 0.5 * size)) > 0.4 * size
+        axis.annotate(text, (x, y), xytext=((box[0] - px) * 72 / fig.dpi, (box[1] + 0.5 * size - py) * 72 / fig.dpi),
+                      textcoords="offset points", fontsize="small", color=color, va="center",
+                      arrowprops=dict(arrowstyle="-", lw=0.5, color=color, shrinkA=0, shrinkB=4) if moved else None)
 
 
 def _overlap(a, b) -> bool:
