@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from regbench.dataset import SPLITS
+from regbench.dataset import check_tables
 from regbench.io import InputError, check_same_grid, load_nifti, read_json
 
 
@@ -25,7 +25,7 @@ class PreparedDataset:
         subjects = _read_table(self.root / "subjects.csv", ["subject", "split", "image", "seg"])
         self.labels = _read_table(self.root / "labels.csv", ["label", "name"])
         self.pairs = _read_table(self.root / "pairs.csv", ["split", "fixed", "moving"])
-        _check_tables(self.root, subjects, self.labels, self.pairs)
+        check_tables(self.root, subjects, self.labels, self.pairs)
         self.subjects = subjects.set_index("subject", drop=False)
         self.label_values = self.labels["label"].to_numpy(dtype=np.int64).copy()
 
@@ -122,7 +122,11 @@ def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, se
         raise InputError(f"{dataset.root / 'subjects.csv'}: fewer than two training subjects")
     rng = np.random.default_rng([seed, iteration])
     pairs = [rng.choice(len(subjects), size=2, replace=False) for _ in range(batch_size)]
-    items = [dataset.pair(subjects[f], subjects[m], contrast) for f, m in pairs]
+    return stack_pairs([dataset.pair(subjects[f], subjects[m], contrast) for f, m in pairs])
+
+
+def stack_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch from pairs of batch size 1 (:meth:`PreparedDataset.pair`): tensors concatenated, ``labels`` once."""
     batch = {key: torch.cat([item[key] for item in items]) for key in items[0] if key != "labels"}
     batch["labels"] = items[0]["labels"]
     return batch
@@ -144,32 +148,6 @@ def _check_info(path: Path, info) -> tuple[int, tuple[int, ...], tuple[float, ..
             or not all(isinstance(s, (int, float)) and np.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"{path}: shape {shape} and spacing {spacing} must be positive numbers")
     return int(ndim), tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
-
-
-def _check_tables(root: Path, subjects: pd.DataFrame, labels: pd.DataFrame, pairs: pd.DataFrame) -> None:
-    """The three tables agree: unique subjects, known splits, positive integer labels, pairs of known subjects."""
-    duplicated = sorted(set(subjects["subject"][subjects["subject"].duplicated()].astype(str)))
-    if duplicated:
-        raise InputError(f"{root / 'subjects.csv'}: duplicate subjects {duplicated[:5]}")
-    for name, table in (("subjects.csv", subjects), ("pairs.csv", pairs)):
-        unknown = sorted(set(table["split"].astype(str)) - set(SPLITS))
-        if unknown:
-            raise InputError(f"{root / name}: unknown splits {unknown}; use {list(SPLITS)}")
-    for column in ("image", "seg"):
-        if subjects[column].isna().any():
-            raise InputError(f"{root / 'subjects.csv'}: subjects without {column!r}: "
-                             f"{subjects['subject'][subjects[column].isna()].tolist()[:5]}")
-    values = pd.to_numeric(labels["label"], errors="coerce")
-    bad = labels["label"][values.isna() | (values != values.round()) | (values <= 0)].tolist()
-    if bad:
-        raise InputError(f"{root / 'labels.csv'}: label values {bad[:5]} are not positive integers "
-                         "(0 is the background, never an evaluation label)")
-    if values.duplicated().any():
-        raise InputError(f"{root / 'labels.csv'}: label values listed twice: {sorted(set(values[values.duplicated()]))}")
-    known = set(subjects["subject"].astype(str))
-    unknown = sorted((set(pairs["fixed"].astype(str)) | set(pairs["moving"].astype(str))) - known)
-    if unknown:
-        raise InputError(f"{root / 'pairs.csv'}: subjects {unknown[:5]} are not in subjects.csv")
 
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:

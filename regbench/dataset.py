@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from regbench.io import write_csv, write_json
+from regbench.io import InputError, write_csv, write_json
 from regbench.method import _same_kind  # the rule recipe overrides follow: an int may replace a float
 
 SPLITS = ("train", "val", "test")
@@ -59,6 +59,36 @@ class DatasetSource:
         raise NotImplementedError(f"dataset {self.name!r} must implement prepare()")
 
 
+def check_tables(root: Path, subjects: pd.DataFrame, labels: pd.DataFrame, pairs: pd.DataFrame) -> None:
+    """The three tables of a prepared folder agree: unique subjects, known splits, images and label maps
+    named, positive integer labels, pairs of known subjects (:class:`InputError` naming the table).
+
+    :func:`write_prepared` checks what a dataset writes, :class:`regbench.data.PreparedDataset` what it reads.
+    """
+    duplicated = sorted(set(subjects["subject"][subjects["subject"].duplicated()].astype(str)))
+    if duplicated:
+        raise InputError(f"{root / 'subjects.csv'}: duplicate subjects {duplicated[:5]}")
+    for name, table in (("subjects.csv", subjects), ("pairs.csv", pairs)):
+        unknown = sorted(set(table["split"].astype(str)) - set(SPLITS))
+        if unknown:
+            raise InputError(f"{root / name}: unknown splits {unknown}; use {list(SPLITS)}")
+    for column in ("image", "seg"):
+        if subjects[column].isna().any():
+            raise InputError(f"{root / 'subjects.csv'}: subjects without {column!r}: "
+                             f"{subjects['subject'][subjects[column].isna()].tolist()[:5]}")
+    values = pd.to_numeric(labels["label"], errors="coerce")
+    bad = labels["label"][values.isna() | (values != values.round()) | (values <= 0)].tolist()
+    if bad:
+        raise InputError(f"{root / 'labels.csv'}: label values {bad[:5]} are not positive integers "
+                         "(0 is the background, never an evaluation label)")
+    if values.duplicated().any():
+        raise InputError(f"{root / 'labels.csv'}: label values listed twice: {sorted(set(values[values.duplicated()]))}")
+    known = set(subjects["subject"].astype(str))
+    unknown = sorted((set(pairs["fixed"].astype(str)) | set(pairs["moving"].astype(str))) - known)
+    if unknown:
+        raise InputError(f"{root / 'pairs.csv'}: subjects {unknown[:5]} are not in subjects.csv")
+
+
 def write_prepared(prepared_dir, *, name: str, ndim: int, shape, spacing, subjects: pd.DataFrame,
                    labels: pd.DataFrame, pairs: pd.DataFrame, provenance: dict[str, Any] | None = None) -> None:
     """Check the three tables against each other and write them, then ``dataset.json``."""
@@ -66,17 +96,7 @@ def write_prepared(prepared_dir, *, name: str, ndim: int, shape, spacing, subjec
     for column in ("subject", "split", "image", "seg"):
         if column not in subjects.columns:
             raise ValueError(f"{prepared_dir / 'subjects.csv'}: the subjects table lacks column {column!r}")
-    if subjects["subject"].duplicated().any():
-        raise ValueError(f"{prepared_dir / 'subjects.csv'}: duplicate subjects: {sorted(subjects['subject'][subjects['subject'].duplicated()])}")
-    bad_splits = set(subjects["split"]) - set(SPLITS)
-    if bad_splits:
-        raise ValueError(f"{prepared_dir / 'subjects.csv'}: unknown splits {sorted(bad_splits)}; use {SPLITS}")
-    if (labels["label"] == 0).any():
-        raise ValueError(f"{prepared_dir / 'labels.csv'}: label 0 (background) must not be an evaluation label")
-    known = set(subjects["subject"])
-    unknown = (set(pairs["fixed"]) | set(pairs["moving"])) - known
-    if unknown:
-        raise ValueError(f"{prepared_dir / 'pairs.csv'}: pairs name subjects that are not in subjects.csv: {sorted(unknown)[:5]}")
+    check_tables(prepared_dir, subjects, labels, pairs)
     for column in subjects.columns:
         if column in ("image", "seg", "gt_transform") or column.startswith("image_"):
             for rel in subjects[column].dropna():

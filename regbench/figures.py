@@ -152,8 +152,7 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
         else:
             if method.trainable:
                 net, recipe = load_trained(method, method_dir / "model.pt", device)
-            contrast = dataset.moving_contrast(method)
-            moving = batch["moving"] if contrast is None else dataset.pair(fixed_id, moving_id, contrast)["moving"]
+            moving = dataset.pair(fixed_id, moving_id, dataset.moving_contrast(method))["moving"]  # its contrast
             with torch.no_grad():
                 displacement = method.register(net, batch["fixed"].to(device), moving.to(device), recipe)
             u = displacement[0].detach().float().cpu().double().numpy()

@@ -104,13 +104,16 @@ class Supervision:
 
 
 def supervised_batch(dataset, supervision: Supervision, iteration: int, batch_size: int, seed: int,
-                     n_pairs: int | None = None) -> dict[str, torch.Tensor]:
+                     n_pairs: int | None = None, contrast: str | None = None) -> dict[str, torch.Tensor]:
     """A training batch of supervised pairs: :func:`regbench.data.training_batch`'s keys plus
     ``supervision`` (``B x ndim x *spatial``, the SyN displacement of each pair).
 
     Pairs are drawn uniformly from the first ``n_pairs`` rows of the list (all rows if None), by a
     generator seeded with ``(seed, iteration)``: a resumed run sees the pairs an uninterrupted one sees.
+    ``contrast``: the moving images' contrast, as in :func:`regbench.data.training_batch`.
     """
+    from regbench.data import stack_pairs
+
     available = len(supervision) if n_pairs is None else min(int(n_pairs), len(supervision))
     if available < 1:
         raise InputError(f"{supervision.folder / 'index.csv'}: no supervised pairs")
@@ -118,12 +121,10 @@ def supervised_batch(dataset, supervision: Supervision, iteration: int, batch_si
     rows = rng.integers(available, size=batch_size).tolist()
     items = []
     for row in rows:
-        item = dataset.pair(supervision.pairs.at[row, "fixed"], supervision.pairs.at[row, "moving"])
+        item = dataset.pair(supervision.pairs.at[row, "fixed"], supervision.pairs.at[row, "moving"], contrast)
         item["supervision"] = supervision.displacement(row, dataset.shape)
         items.append(item)
-    batch = {key: torch.cat([item[key] for item in items]) for key in items[0] if key != "labels"}
-    batch["labels"] = items[0]["labels"]
-    return batch
+    return stack_pairs(items)
 
 
 def supervision_dir(out_dir) -> Path:
@@ -141,8 +142,8 @@ def training_batches(method, dataset, out_dir, recipe: dict[str, Any]):
     """
     from regbench.data import training_batch
 
+    contrast = dataset.moving_contrast(method)  # both kinds of batch serve the method's moving contrast
     if not getattr(method, "needs_supervision", False):
-        contrast = dataset.moving_contrast(method)
         return lambda iteration, batch_size, seed: training_batch(dataset, iteration, batch_size, seed, contrast)
     supervision = Supervision(supervision_dir(out_dir), dataset.shape)
     n_pairs = recipe.get("supervision_pairs")
@@ -150,7 +151,7 @@ def training_batches(method, dataset, out_dir, recipe: dict[str, Any]):
         raise InputError(f"{supervision.folder / 'index.csv'}: {len(supervision)} supervised pairs, but method "
                          f"{method.name!r} asks for {n_pairs} (recipe key supervision_pairs); rerun rule syn_supervision")
     return lambda iteration, batch_size, seed: supervised_batch(dataset, supervision, iteration, batch_size, seed,
-                                                                n_pairs)
+                                                                n_pairs, contrast)
 
 
 # --------------------------------------------------------------------------------------------- computing
