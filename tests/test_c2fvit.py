@@ -1,7 +1,6 @@
 """C2FViT: the official network's layers, the decoupled affine, every recipe term, and training registers."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +12,8 @@ from regbench.decoupled_affine import (affine_warp, center_of_mass, center_of_ma
 from regbench.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
 from regbench.method import TRAINING_KEYS, parameter_count as network_parameters
 from regbench.plugins import load_dataset, load_method
-from regbench.spatial import warp, warp_labels
-from regbench.training import load_trained, train
+from regbench.spatial import warp
+from short_training import short_training
 from regbench.transformer import Attention, ConvPatchEmbedding, FeedForward, tokens_to_grid
 
 torch.set_num_threads(1)
@@ -483,41 +482,17 @@ def test_short_training_lowers_the_loss_and_beats_identity(c2fvit, embedded2d, t
     # 0.632 trained (seeds 1 and 2: 0.657, 0.649); the test loss -0.904 -> -0.956.
     torch.set_num_threads(1)
     recipe = c2fvit.recipe("quick")
-    pairs = [embedded2d.pair(p.fixed, p.moving) for p in embedded2d.split_pairs("test").itertuples()]
+    run = short_training(c2fvit, recipe, embedded2d, tmp_path / "run")
+    pairs, net = run.pairs, run.net
     assert len(pairs) == 16
-
-    def evaluate(net):
-        loss, dice = [], []
-        for batch in pairs:
-            with torch.no_grad():
-                loss.append(sum(w * float(v) for w, v in c2fvit.loss_terms(net, batch, recipe).values()))
-            u = c2fvit.register(net, batch["fixed"], batch["moving"], recipe)
-            dice.append(mean_dice(batch["fixed_seg"], warp_labels(batch["moving_seg"], u), batch["labels"]))
-        return np.mean(loss), np.mean(dice)
-
-    identity_dice = np.mean([mean_dice(b["fixed_seg"], b["moving_seg"], b["labels"]) for b in pairs])
-    torch.manual_seed(0)
-    untrained_loss, untrained_dice = evaluate(c2fvit.build(2, recipe))
-    summary = train(c2fvit, recipe, embedded2d, tmp_path / "run", seed=0)
-    net, saved_recipe = load_trained(c2fvit, tmp_path / "run" / "model.pt")
-    assert saved_recipe == recipe and summary["iterations"] == recipe["iterations"]
-    trained_loss, trained_dice = evaluate(net)
-    print(f"c2fvit quick: {summary['train_time_s']:.1f} s; test loss {untrained_loss:.3f} -> {trained_loss:.3f}; "
-          f"Dice identity {identity_dice:.3f}, untrained {untrained_dice:.3f}, trained {trained_dice:.3f}")
-    assert trained_loss < untrained_loss - 0.02
-    assert trained_dice > identity_dice + 0.015, (identity_dice, trained_dice)
-    assert trained_dice > untrained_dice + 0.02, (untrained_dice, trained_dice)
+    assert run.saved_recipe == recipe and run.summary["iterations"] == recipe["iterations"]
+    print(f"c2fvit quick: {run.summary['train_time_s']:.1f} s; test loss {run.untrained_loss:.3f} -> "
+          f"{run.trained_loss:.3f}; Dice identity {run.identity_dice:.3f}, untrained {run.untrained_dice:.3f}, "
+          f"trained {run.trained_dice:.3f}")
+    assert run.trained_loss < run.untrained_loss - 0.02
+    assert run.trained_dice > run.identity_dice + 0.015, (run.identity_dice, run.trained_dice)
+    assert run.trained_dice > run.untrained_dice + 0.02, (run.untrained_dice, run.trained_dice)
     # the affines differ between pairs: the network does not predict one affine for all
     with torch.no_grad():
         translations = torch.cat([net(b["moving"], b["fixed"]).parameters[-1][:, :2] for b in pairs])
     assert translations.std(dim=0).max() > 0.005
-
-
-def mean_dice(fixed_seg, warped_seg, labels):
-    scores = []
-    for label in labels.tolist():
-        a, b = fixed_seg == label, warped_seg == label
-        total = int(a.sum() + b.sum())
-        if total:
-            scores.append(2 * int((a & b).sum()) / total)
-    return float(np.mean(scores))

@@ -3,19 +3,17 @@ the two training stages, every recipe term in the loss, and a short training acr
 import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from regbench.affine import affine_displacement, centred_grid
-from regbench.data import PreparedDataset
 from regbench.losses import (background_suppression_loss, dual_consistency_loss, mutual_information,
                              mutual_information_loss, neighbour_smoothness, self_sampled_inverse)
 from regbench.method import TRAINING_KEYS
-from regbench.plugins import load_dataset, load_method
-from regbench.spatial import warp, warp_labels
-from regbench.training import load_trained, train
+from regbench.plugins import load_method
+from regbench.spatial import warp
+from short_training import short_training
 
 torch.set_num_threads(1)
 
@@ -89,8 +87,9 @@ def test_mutual_information_by_hand():
     assert mutual_information_loss(image, image.square()).item() == pytest.approx(-remapped.mean().item())
 
 
-def test_mutual_information_sees_the_second_contrasts_anatomy(embedded2d):
+def test_mutual_information_sees_the_second_contrasts_anatomy(small_embedded2d):
     """More with the subject's own T1 than with another subject's (test_embedded checks the T2 itself)."""
+    embedded2d = small_embedded2d
     subject, other_subject = embedded2d.split_subjects("train")[:2]
     as_tensor = lambda a: torch.from_numpy(a)[None, None]  # noqa: E731
     t2 = as_tensor(embedded2d.image(subject, "t2"))
@@ -291,48 +290,11 @@ def test_augmentation_is_used_in_training_only(ctf):
 # --- training on the embedded data, T1 fixed against T2-like moving
 
 
-@pytest.fixture(scope="module")
-def embedded2d(tmp_path_factory):
-    """A small embedded2d: 8 training subjects per template, 2 test subjects per template (4 test pairs)."""
-    root = tmp_path_factory.mktemp("embedded2d")
-    source = load_dataset("embedded2d")
-    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 8, "n_val": 1, "n_test": 2}))
-    return PreparedDataset(root / "prepared")
-
-
-def mean_dice(fixed_seg, warped_seg, labels):
-    scores = []
-    for label in labels.tolist():
-        a, b = fixed_seg == label, warped_seg == label
-        total = int(a.sum() + b.sum())
-        if total:
-            scores.append(2 * int((a & b).sum()) / total)
-    return float(np.mean(scores))
-
-
-def test_short_training_across_contrasts_lowers_the_loss_and_beats_identity(ctf, embedded2d, tmp_path):
+def test_short_training_across_contrasts_lowers_the_loss_and_beats_identity(ctf, small_embedded2d, tmp_path):
     recipe = ctf.recipe("quick", {"affine_iterations": AFFINE_STEPS, "iterations": DEFORMABLE_STEPS,
                                   "checkpoint_every": 1000})
-    assert embedded2d.moving_contrast(ctf) == "t2"
-    pairs = [embedded2d.pair(p.fixed, p.moving, "t2") for p in embedded2d.split_pairs("test").itertuples()]
-
-    def evaluate(net):
-        loss, dice = [], []
-        for batch in pairs:   # fixed T1, moving T2
-            with torch.no_grad():
-                loss.append(sum(w * float(v) for w, v in ctf.loss_terms(net, batch, recipe).values()))
-            u = ctf.register(net, batch["fixed"], batch["moving"], recipe)
-            dice.append(mean_dice(batch["fixed_seg"], warp_labels(batch["moving_seg"], u), batch["labels"]))
-        return np.mean(loss), np.mean(dice)
-
-    torch.manual_seed(0)
-    untrained = ctf.build(2, recipe)
-    untrained.eval()
-    untrained_loss, _ = evaluate(untrained)
-    identity_dice = np.mean([mean_dice(b["fixed_seg"], b["moving_seg"], b["labels"]) for b in pairs])
-    summary = train(ctf, recipe, embedded2d, tmp_path / "run", seed=0)
-    net, saved_recipe = load_trained(ctf, tmp_path / "run" / "model.pt")
-    assert saved_recipe == recipe and summary["iterations"] == AFFINE_STEPS + DEFORMABLE_STEPS
-    trained_loss, trained_dice = evaluate(net)
-    assert trained_loss < untrained_loss - 0.1, (untrained_loss, trained_loss)
-    assert trained_dice > identity_dice + 0.03, (identity_dice, trained_dice)
+    assert small_embedded2d.moving_contrast(ctf) == "t2"
+    run = short_training(ctf, recipe, small_embedded2d, tmp_path / "run", contrast="t2")   # fixed T1, moving T2
+    assert run.saved_recipe == recipe and run.summary["iterations"] == AFFINE_STEPS + DEFORMABLE_STEPS
+    assert run.trained_loss < run.untrained_loss - 0.1, (run.untrained_loss, run.trained_loss)
+    assert run.trained_dice > run.identity_dice + 0.03, (run.identity_dice, run.trained_dice)

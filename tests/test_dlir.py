@@ -1,16 +1,14 @@
 """DLIR: the loss terms on hand cases, the affine and B-spline stages, stage-wise training, and a short run."""
-import numpy as np
 import pytest
 import torch
 
 from regbench.affine import affine_displacement
 from regbench.bspline import bspline_displacement
-from regbench.data import PreparedDataset
 from regbench.losses import bending_energy, global_ncc
 from regbench.method import TRAINING_KEYS
-from regbench.plugins import load_dataset, load_method
-from regbench.spatial import compose_displacements, identity_grid, warp, warp_labels
-from regbench.training import load_trained, train
+from regbench.plugins import load_method
+from regbench.spatial import compose_displacements, identity_grid, warp
+from short_training import registered_dice, short_training
 
 torch.set_num_threads(1)
 
@@ -223,39 +221,9 @@ def test_each_stage_trains_on_the_stack_so_far_with_every_recipe_term(dlir):
 
 # --- a short training on the embedded data ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def embedded2d(tmp_path_factory):
-    """A small embedded2d: 8 training subjects per template, 2 test subjects per template (4 test pairs)."""
-    root = tmp_path_factory.mktemp("embedded2d")
-    source = load_dataset("embedded2d")
-    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 8, "n_val": 1, "n_test": 2}))
-    return PreparedDataset(root / "prepared")
 
-
-def mean_dice(fixed_seg, warped_seg, labels):
-    scores = []
-    for label in labels.tolist():
-        a, b = fixed_seg == label, warped_seg == label
-        total = int(a.sum() + b.sum())
-        if total:
-            scores.append(2 * int((a & b).sum()) / total)
-    return float(np.mean(scores))
-
-
-def test_short_training_lowers_the_loss_and_beats_identity(dlir, embedded2d, tmp_path, monkeypatch):
+def test_short_training_lowers_the_loss_and_beats_identity(dlir, small_embedded2d, tmp_path, monkeypatch):
     recipe = dlir.recipe("quick", SHORT)
-    pairs = [embedded2d.pair(p.fixed, p.moving) for p in embedded2d.split_pairs("test").itertuples()]
-
-    def evaluate(net, upto=None):
-        loss, dice = [], []
-        for batch in pairs:
-            with torch.no_grad():
-                loss.append(sum(w * float(v) for w, v in dlir.loss_terms(net, batch, recipe).values()))
-                u = net(batch["fixed"], batch["moving"], upto=upto)[0] if upto else \
-                    dlir.register(net, batch["fixed"], batch["moving"], recipe)
-            dice.append(mean_dice(batch["fixed_seg"], warp_labels(batch["moving_seg"], u), batch["labels"]))
-        return np.mean(loss), np.mean(dice)
-
     # the weights as each stage starts: an earlier stage must not move once a later one trains
     snapshots = []
     start_stage = dlir.start_stage
@@ -265,11 +233,9 @@ def test_short_training_lowers_the_loss_and_beats_identity(dlir, embedded2d, tmp
         start_stage(net, index, recipe_)
 
     monkeypatch.setattr(dlir, "start_stage", recording_start_stage)
-    torch.manual_seed(0)
-    untrained_loss, identity_dice = evaluate(dlir.build(2, recipe))
-    summary = train(dlir, recipe, embedded2d, tmp_path / "run", seed=0)
-    net, saved_recipe = load_trained(dlir, tmp_path / "run" / "model.pt")
-    assert saved_recipe == recipe and summary["iterations"] == recipe["iterations"]
+    run = short_training(dlir, recipe, small_embedded2d, tmp_path / "run")
+    net = run.net
+    assert run.saved_recipe == recipe and run.summary["iterations"] == recipe["iterations"]
     assert net.training_stage == 2  # a loaded network registers with every stage
 
     final = net.state_dict()
@@ -281,13 +247,12 @@ def test_short_training_lowers_the_loss_and_beats_identity(dlir, embedded2d, tmp
         for later in snapshots[index + 1:]:  # frozen from then on
             assert all(torch.equal(after[k], later[k]) for k in keys), f"stage {index} moved after its turn"
 
-    trained_loss, trained_dice = evaluate(net)
-    assert trained_loss < untrained_loss - 0.01, (untrained_loss, trained_loss)
-    assert trained_dice > identity_dice + 0.05, (identity_dice, trained_dice)
+    assert run.trained_loss < run.untrained_loss - 0.01, (run.untrained_loss, run.trained_loss)
+    assert run.trained_dice > run.identity_dice + 0.05, (run.identity_dice, run.trained_dice)
     # the B-spline stages do the work (the data's affine part is small): each improves on the stack before it
-    dice_by_stage = [evaluate(net, upto=k)[1] for k in (1, 2, 3)]
+    dice_by_stage = [registered_dice(dlir, net, recipe, run.pairs, lambda n, b, k=k: n(b["fixed"], b["moving"], upto=k)[0])
+                     for k in (1, 2, 3)]
     assert dice_by_stage[1] > dice_by_stage[0] + 0.02 and dice_by_stage[2] > dice_by_stage[1], dice_by_stage
 
 
-#: the quick recipe, shortened to keep the test file under a minute: 60 + 180 + 180 steps
 SHORT = {"iterations": 420, "checkpoint_every": 1000}

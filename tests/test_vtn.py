@@ -2,19 +2,17 @@
 and a short training registers."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from regbench.affine import affine_displacement, affine_matrix, compose_affine, determinant_loss, orthogonality_loss
 from regbench.cascade import (AffineStem, CascadeNet, VTNFlow, _cubic_bspline_basis, correlation_loss, random_ffd,
                               stage_smoothness, uniform_scaling_init_)
-from regbench.data import PreparedDataset
 from regbench.losses import invertibility_loss
 from regbench.method import TRAINING_KEYS, parameter_count
-from regbench.plugins import load_dataset, load_method
-from regbench.spatial import compose_displacements, warp, warp_labels
-from regbench.training import load_trained, train
+from regbench.plugins import load_method
+from regbench.spatial import compose_displacements, warp
+from short_training import short_training
 
 
 @pytest.fixture(autouse=True)
@@ -331,46 +329,9 @@ def test_augmentation_deforms_the_moving_image_in_training_only(vtn):
     assert vtn.loss_terms(net, batch, dict(recipe, augmentation=0.0))["similarity_2"][1] == reference
 
 
-@pytest.fixture(scope="module")
-def embedded2d(tmp_path_factory):
-    """A small embedded2d: 8 training subjects per template, 2 test subjects per template (4 test pairs)."""
-    root = tmp_path_factory.mktemp("embedded2d")
-    source = load_dataset("embedded2d")
-    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 8, "n_val": 1, "n_test": 2}))
-    return PreparedDataset(root / "prepared")
-
-
-def test_short_training_lowers_the_loss_and_beats_identity(vtn, embedded2d, tmp_path):
+def test_short_training_lowers_the_loss_and_beats_identity(vtn, small_embedded2d, tmp_path):
     recipe = vtn.recipe("quick", {"iterations": 250})
-    pairs = [embedded2d.pair(p.fixed, p.moving) for p in embedded2d.split_pairs("test").itertuples()]
-
-    def evaluate(net):
-        net.eval()
-        loss, dice = [], []
-        for batch in pairs:
-            with torch.no_grad():
-                loss.append(sum(w * float(v) for w, v in vtn.loss_terms(net, batch, recipe).values()))
-            u = vtn.register(net, batch["fixed"], batch["moving"], recipe)
-            dice.append(mean_dice(batch["fixed_seg"], warp_labels(batch["moving_seg"], u), batch["labels"]))
-        return np.mean(loss), np.mean(dice)
-
-    torch.manual_seed(0)
-    untrained_loss, identity_dice = evaluate(vtn.build(2, recipe))
-    summary = train(vtn, recipe, embedded2d, tmp_path / "run", seed=0)
-    net, saved_recipe = load_trained(vtn, tmp_path / "run" / "model.pt")
-    assert saved_recipe == recipe and summary["iterations"] == 250
-    trained_loss, trained_dice = evaluate(net)
-    print(f"loss {untrained_loss:.4f} -> {trained_loss:.4f}, Dice {identity_dice:.3f} -> {trained_dice:.3f}, "
-          f"{summary['train_time_s']:.1f} s")
-    assert trained_loss < untrained_loss - 0.005, (untrained_loss, trained_loss)
-    assert trained_dice > identity_dice + 0.03, (identity_dice, trained_dice)
-
-
-def mean_dice(fixed_seg, warped_seg, labels):
-    scores = []
-    for label in labels.tolist():
-        a, b = fixed_seg == label, warped_seg == label
-        total = int(a.sum() + b.sum())
-        if total:
-            scores.append(2 * int((a & b).sum()) / total)
-    return float(np.mean(scores))
+    run = short_training(vtn, recipe, small_embedded2d, tmp_path / "run")
+    assert run.saved_recipe == recipe and run.summary["iterations"] == 250
+    assert run.trained_loss < run.untrained_loss - 0.005, (run.untrained_loss, run.trained_loss)
+    assert run.trained_dice > run.identity_dice + 0.03, (run.identity_dice, run.trained_dice)

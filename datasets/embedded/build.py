@@ -46,7 +46,6 @@ import argparse
 import gzip
 import hashlib
 import io
-import json
 import sys
 import zipfile
 from pathlib import Path
