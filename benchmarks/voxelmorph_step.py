@@ -101,7 +101,7 @@ def official_step(shape, batch):
             ncc = lambda f, w: -neurite_ncc(f, w).mean()  # noqa: E731
             notes.append("NCC from neurite (voxelmorph 0.2's NCC puts its kernel on CUDA)")
         else:
-            from regbench.losses import local_ncc as ncc
+            from regbench.blocks.losses import local_ncc as ncc
 
             notes.append("NCC from regbench (voxelmorph 0.2's NCC puts its kernel on CUDA)")
         if ndim == 3:
@@ -110,7 +110,7 @@ def official_step(shape, batch):
             grad = neurite_grad
             notes.append("Grad from neurite (voxelmorph 0.2's Grad is 3D only)")
         else:
-            from regbench.losses import gradient_smoothness as grad
+            from regbench.blocks.losses import gradient_smoothness as grad
 
             notes.append("Grad from regbench (voxelmorph 0.2's Grad is 3D only)")
 

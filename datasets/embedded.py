@@ -23,7 +23,7 @@ Grid
 Subjects
     Subject s of template T samples T through ``psi_s = a_s o phi_s``: ``I_s(x) = T(a_s(phi_s(x)))`` (linear),
     ``seg_s(x) = aseg(a_s(phi_s(x)))`` (nearest). ``phi_s = exp(v_s)`` is a stationary velocity field integrated
-    by scaling and squaring (:func:`regbench.spatial.integrate_velocity`), ``v_s`` a cubic B-spline field
+    by scaling and squaring (:func:`regbench.blocks.spatial.integrate_velocity`), ``v_s`` a cubic B-spline field
     whose control coefficients are standard normal, on a grid of spacing ``control_spacing`` voxels, scaled
     so that its largest vector has length ``deformation`` voxels. ``a_s(x) = c + R S (x - c) + t`` is a small
     affine about the grid centre c: rotation angles uniform in +-``rotation_degrees`` (one angle in 2D, three
@@ -94,7 +94,7 @@ import torch
 from regbench.contrast import label_contrast
 from regbench.dataset import DatasetSource, write_prepared
 from regbench.io import InputError, atomic_path, save_nifti
-from regbench.spatial import compose_displacements, identity_grid, integrate_velocity, warp, warp_labels
+from regbench.blocks.spatial import compose_displacements, identity_grid, integrate_velocity, warp, warp_labels
 
 #: where the shipped arrays live (tests point a source's ``data_dir`` elsewhere)
 DATA_DIR = Path(__file__).resolve().parent / "embedded"

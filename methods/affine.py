@@ -3,8 +3,8 @@
 One antsRegistration linear stage (12 parameters in 3D, 6 in 2D) through antspyx, started from the
 images' centres of mass, with Mattes mutual information on a randomly perturbed regular sample of the
 voxels; the ``.mat`` it writes is converted to regbench's displacement (voxels, fixed grid,
-``warped(x) = moving(x + u(x))``) by :func:`regbench.ants.displacement_from_transforms`. Every recipe key
-is one antsRegistration parameter (:mod:`regbench.ants`); nothing is left to antspyx's defaults.
+``warped(x) = moving(x + u(x))``) by :func:`regbench.blocks.ants.displacement_from_transforms`. Every recipe key
+is one antsRegistration parameter (:mod:`regbench.blocks.ants`); nothing is left to antspyx's defaults.
 
 Recipes:
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from regbench import RegistrationMethod
-from regbench.ants import linear_stage, register_tensors, registration_options
+from regbench.blocks.ants import linear_stage, register_tensors, registration_options
 
 _COMMON = {
     "initial_transform": "center_of_mass",  # --initial-moving-transform [fixed,moving,1]

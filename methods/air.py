@@ -31,7 +31,7 @@ Choices where the paper and the code differ, or where they leave room:
   [-1, 1] to [0, W] rather than [0, W - 1], a scaling of at most one voxel that is not reproduced).
 - Loss: the default path of the code minimises ``RobustLOSS(0.5)(warped, fixed, 0.3)``, whose definition is
   missing from the repository; ``similarity = "robust"`` reads it as Barron's general robust loss with
-  alpha 0.5, c 0.3 (:func:`regbench.losses.robust_loss`, UNVERIFIED). ``"mse"`` is the ``_jaco`` variant's
+  alpha 0.5, c 0.3 (:func:`regbench.blocks.losses.robust_loss`, UNVERIFIED). ``"mse"`` is the ``_jaco`` variant's
   loss (its folding penalty is computed in NumPy on a detached field, so it contributes no gradient and is
   left out), ``"ncc"`` the global NCC of the ``_cycle`` variant (one direction only). The code's default
   path has no regulariser: smoothness comes from the coarse grid, the tanh bound and the interpolation.
@@ -55,8 +55,8 @@ from torch import nn
 
 from regbench import RegistrationMethod
 from regbench.method import TrainingStage
-from regbench.losses import global_ncc, gradient_smoothness, mse, robust_loss
-from regbench.spatial import warp
+from regbench.blocks.losses import global_ncc, gradient_smoothness, mse, robust_loss
+from regbench.blocks.spatial import warp
 
 _COMMON = {
     "patch_sizes": [8, 16, 32],     # one parallel Transformer a patch size, finest first

@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.losses import mse
-from regbench.patches import (centre_crop, crop, foreground_corners, output_corners, pad_for_patches, random_corners,
+from regbench.blocks.losses import mse
+from regbench.blocks.patches import (centre_crop, crop, foreground_corners, output_corners, pad_for_patches, random_corners,
                               sample_at, stitch)
-from regbench.spatial import identity_grid
+from regbench.blocks.spatial import identity_grid
 
 #: voxels before the full output's corner where each resolution's ground-truth blocks start: output voxel
 #: t of the half (quarter) resolution averages the 2^d (4^d) voxels from corner - 2 + 2t (corner - 6 + 4t),

@@ -7,7 +7,7 @@ pair of its level, [moving, fixed], by a strided convolution with a kernel large
 (k = 3/7/15, s = 2/4/8, so every level gives the same token grid), adds the previous stage's tokens
 through a 3^d convolution, runs transformer blocks (global attention, a depth-wise convolution in the
 MLP, no norm) and mean-pools the tokens into tanh-bounded *decoupled* affine parameters: translation,
-rotation, shear and scaling, each with its own range (regbench.decoupled_affine), composed about the
+rotation, shear and scaling, each with its own range (regbench.blocks.decoupled_affine), composed about the
 moving image's CoM. Stage i's affine warps the moving image of the next level, which is stage i+1's
 input (progressive spatial transformation); the output is the last stage's affine alone. The loss is
 a multi-resolution local NCC (windows 7/5/3, weights 1, 1/2, 1/4) of the finest level's warped moving
@@ -15,7 +15,7 @@ image against the fixed one, with no regulariser: the parameter ranges constrain
 the semi-supervised variant, adds 0.5 x a soft Dice of the linearly warped one-hot moving labels.
 
 2D (the paper is 3D only): 6 decoupled parameters, the natural analogue of the 12: translation x 2,
-one rotation, one shear, scaling x 2 (regbench.decoupled_affine documents the composition).
+one rotation, one shear, scaling x 2 (regbench.blocks.decoupled_affine documents the composition).
 
 Choices where the paper and the official code (cwmok/C2FViT at 6a0a637) differ or are silent
 (spec/methods/c2fvit.md):
@@ -25,7 +25,7 @@ Choices where the paper and the official code (cwmok/C2FViT at 6a0a637) differ o
   sums a per-stage NCC is unverified, so ``"per_stage"`` is offered: stage i's affine warps level i's
   moving image, scored by the local NCC of that level's window and weight (7/1 finest, 5/1/2, 3/1/4).
 - NCC: squared local NCC with local means over the whole w^d window and eps = 1e-5, the current code
-  (regbench.losses.local_ncc is that formula). The original release used eps = 1e-8 (``ncc_eps``); a
+  (regbench.blocks.losses.local_ncc is that formula). The original release used eps = 1e-8 (``ncc_eps``); a
   2023 commit briefly divided the means by w instead of w^d, a bug not reproduced.
 - Dice (C2FViT-s): regbench's ``soft_dice_loss`` (-mean Dice, eps only in the denominator) over the
   dataset's evaluation labels, instead of the code's 1 - mean Dice with eps in numerator and
@@ -64,11 +64,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation,
+from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation,
                                        decoupled_affine_matrix, matrix_to_displacement, parameter_count)
-from regbench.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
-from regbench.networks import conv
-from regbench.transformer import (ConvPatchEmbedding, TransformerEncoder, grid_to_tokens,
+from regbench.blocks.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
+from regbench.blocks.networks import conv
+from regbench.blocks.transformer import (ConvPatchEmbedding, TransformerEncoder, grid_to_tokens,
                                   init_transformer_weights, tokens_to_grid)
 
 SUPERVISION = ("final_multiscale", "per_stage")
@@ -197,7 +197,7 @@ class C2FViTNet(nn.Module):
     """Three (``levels``) stages of patch embedding -> transformer -> affine head, coarse to fine.
 
     ``forward(moving, fixed)`` takes ``B x 1 x *spatial`` images (2D or 3D, the same grid) and returns a
-    :class:`Prediction`; every matrix is in normalised coordinates (regbench.decoupled_affine), so
+    :class:`Prediction`; every matrix is in normalised coordinates (regbench.blocks.decoupled_affine), so
     ``matrix_to_displacement(prediction.matrix, shape)`` is the transform at any resolution.
     """
 

@@ -11,12 +11,12 @@ for ``M_A`` again. With the official code's weights (``registration.py``, ``loss
     affine stage:      L = 1 L_bg(F, M_A) + 1 L_MI(F, M_A)
     deformable stage:  L = 1 L_smooth(u) + 100 L_bg(F, M_D) + 4 L_MI(F, M_D) + 100 L_dual(M_A, M_D o (id + u^-1))
 
-- ``L_MI = -MI``: :func:`regbench.losses.mutual_information_loss`, 100 Gaussian bins on [0, 1], sigma one bin;
-- ``L_bg``: :func:`regbench.losses.background_suppression_loss`, the fixed image's background (below the
+- ``L_MI = -MI``: :func:`regbench.blocks.losses.mutual_information_loss`, 100 Gaussian bins on [0, 1], sigma one bin;
+- ``L_bg``: :func:`regbench.blocks.losses.background_suppression_loss`, the fixed image's background (below the
   threshold gamma = 0.1) must stay empty in the warped image;
-- ``L_smooth``: :func:`regbench.losses.neighbour_smoothness`, the mean of the squared sum of absolute
+- ``L_smooth``: :func:`regbench.blocks.losses.neighbour_smoothness`, the mean of the squared sum of absolute
   differences to the 2 ndim neighbours (zero beyond the border);
-- ``L_dual``: :func:`regbench.losses.dual_consistency_loss`.
+- ``L_dual``: :func:`regbench.blocks.losses.dual_consistency_loss`.
 
 Contrasts. ``moving_contrast = "t2"``: where a dataset serves a T2 image (IXI; the embedded data's T2-like
 twin, made from the labels by :func:`regbench.contrast.label_contrast`), training and evaluation give this
@@ -27,7 +27,7 @@ Choices where the code leaves room or PyTorch differs:
 
 - The affine output is a ``d x (d + 1)`` matrix ``[A | t]`` acting on normalised coordinates (-1 and 1 at the
   first and last voxel centres, array-axis order), from a zero-initialised dense layer whose bias is the
-  identity; it becomes regbench's centred voxel form (:func:`regbench.affine.affine_displacement`) as
+  identity; it becomes regbench's centred voxel form (:func:`regbench.blocks.affine.affine_displacement`) as
   ``W = D A D^-1 - I``, ``b = D t``, ``D = diag((S - 1) / 2)``. The code's Keras sampler puts -1 and 1 half
   a pixel off the voxel centres. 12 parameters in 3D, from the same code.
 - AT-Net flattens its last feature map, 7 x 7 at the paper's 224 x 224 (five 2x poolings). To take any size,
@@ -56,11 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.affine import affine_displacement, compose_affine
-from regbench.losses import (background_suppression_loss, dual_consistency_loss, mutual_information_loss,
+from regbench.blocks.affine import affine_displacement, compose_affine
+from regbench.blocks.losses import (background_suppression_loss, dual_consistency_loss, mutual_information_loss,
                              neighbour_smoothness)
 from regbench.method import TrainingStage
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 
 _COMMON = {
     # networks
@@ -250,7 +250,7 @@ class AffineNet(nn.Module):
 
 
 def theta_to_voxels(theta: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[A | t]`` on normalised coordinates -> ``(W, b)`` of :func:`regbench.affine.affine_displacement`.
+    """``[A | t]`` on normalised coordinates -> ``(W, b)`` of :func:`regbench.blocks.affine.affine_displacement`.
 
     Normalised coordinate ``n = x_c / D`` with ``x_c`` centred voxels and ``D = diag((S - 1) / 2)``, so
     ``x_c -> D A D^-1 x_c + D t``: ``W = D A D^-1 - I`` and ``b = D t``.

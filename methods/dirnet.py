@@ -18,11 +18,11 @@ Choices where the paper, TorchIR and the spec leave room:
   plus the output make the paper's three 1x1 convolutions. ``batch_norm`` is a recipe key (True: the paper;
   False: TorchIR, which has none). Fixed image first in the concatenation (TorchIR).
 - Control grid: the pooled map (``floor(S / spacing)`` points per axis) is the control grid, centred on the
-  image (:mod:`regbench.bspline`), extended by two points on every side that repeat its edge values so
+  image (:mod:`regbench.blocks.bspline`), extended by two points on every side that repeat its edge values so
   that every voxel gets the full B-spline partition of unity (TorchIR lets the points beyond its grid be
   zero, so its field falls to zero at the image border). Control displacements are in voxels, channels in
   array-axis order (TorchIR: xyz).
-- Loss: ``-NCC(F, M o phi)`` with :func:`regbench.losses.global_ncc` (per image, then averaged over the batch;
+- Loss: ``-NCC(F, M o phi)`` with :func:`regbench.blocks.losses.global_ncc` (per image, then averaged over the batch;
   TorchIR pools the batch), the moving image resampled bilinearly with border padding (TorchIR).
 - Optimiser: Adam with amsgrad (TorchIR), via the training stage's Adam arguments. The paper's own optimiser
   settings are UNVERIFIED; the paper recipe takes TorchIR's MNIST budget (batch 32, 100 epochs x 100
@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.bspline import bspline_displacement
-from regbench.losses import global_ncc
+from regbench.blocks.bspline import bspline_displacement
+from regbench.blocks.losses import global_ncc
 from regbench.method import TrainingStage
-from regbench.networks import conv
-from regbench.spatial import warp
+from regbench.blocks.networks import conv
+from regbench.blocks.spatial import warp
 
 _COMMON = {
     "conv_layers": 5,           # 3^d conv blocks (the first log2(spacing) followed by a 2^d average pool)

@@ -11,20 +11,20 @@ gives the layers this file follows (spec/methods/dlir.md).
 Choices where the paper, TorchIR and the spec leave room:
 
 - Stages are **composed**, as in TorchIR (``combine = "compose"``): the moving image is resampled once,
-  by ``u_1 o ... o u_k`` (:func:`regbench.spatial.compose_displacements`, field continued at the border);
+  by ``u_1 o ... o u_k`` (:func:`regbench.blocks.spatial.compose_displacements`, field continued at the border);
   the paper *added* the stages' fields, available as ``combine = "add"``.
 - Affine: ``A = Scale * Shear * Rot`` with ``Scale = diag(2^tanh)`` (range [0.5, 2]), ``Shear`` unit upper
   triangular with ``tan(tanh * pi/4)`` above the diagonal and ``Rot`` the product of one rotation by
   ``tanh * pi/2`` per plane of axes (0,1), (0,2), (1,2); translation linear, in voxels. That is the
   paper's 12 parameters in 3D (6 in 2D); TorchIR uses 6 shears in 3D. The map is taken about the
-  voxel-grid centre ``(S - 1) / 2`` (TorchIR: ``S / 2``) with :func:`regbench.affine.affine_displacement`.
+  voxel-grid centre ``(S - 1) / 2`` (TorchIR: ``S / 2``) with :func:`regbench.blocks.affine.affine_displacement`.
   The two images go through one shared feature pipeline (TorchIR; the paper's sharing is UNVERIFIED).
   All four heads start at zero, so the untrained stage is the identity.
 - B-spline stages (TorchIR's DIRNet): 5 conv+ELU blocks on (fixed, warped moving), fixed first, with an
   average pool after each of the first log2(spacing) blocks, two 1x1 conv+ELU "dense" layers
   (``dense_features`` wide; TorchIR makes them as wide as the convs) and a zero-initialised 1x1 conv to
   ndim control displacements (voxels, array-axis order). The pooled grid, ``floor(S / spacing)`` points, is
-  centred on the image (:mod:`regbench.bspline`) and extended by two control points on every side that
+  centred on the image (:mod:`regbench.blocks.bspline`) and extended by two control points on every side that
   repeat its edge values, so the field covers the whole image (TorchIR's points beyond its grid are zero,
   and its field falls to zero at the image border). No bounding of the coefficients (TorchIR's
   ``apply_diffeomorphic_limits`` is off by default).
@@ -33,9 +33,9 @@ Choices where the paper, TorchIR and the spec leave room:
   matters with PyTorch's default initialisation: on [0, 1] brain slices (background 0) the features
   barely vary at the start and the B-spline stages take hundreds of steps to move (quick run without it:
   test Dice 0.598 instead of 0.704).
-- Loss: ``L = -NCC(F, M o phi) + bending_weight * BE(u_k)``, with :func:`regbench.losses.global_ncc` (per
+- Loss: ``L = -NCC(F, M o phi) + bending_weight * BE(u_k)``, with :func:`regbench.blocks.losses.global_ncc` (per
   image, not per batch) on the moving image warped with border padding and
-  :func:`regbench.losses.bending_energy` of the stage's own dense field ``u_k`` in voxels. The affine
+  :func:`regbench.blocks.losses.bending_energy` of the stage's own dense field ``u_k`` in voxels. The affine
   stage logs its bending term with weight 0 (NCC alone, as in the paper). The bending weight is
   UNVERIFIED in the paper and TorchIR's notebook uses none; ``bending_weight = 1`` (the largest of the
   spec's candidates {0, 0.01, 0.1, 1}; BE in voxel units is small, 1e-4 to 1e-3 here) in both recipes:
@@ -56,12 +56,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.affine import affine_displacement
-from regbench.bspline import bspline_displacement
-from regbench.losses import bending_energy, global_ncc
+from regbench.blocks.affine import affine_displacement
+from regbench.blocks.bspline import bspline_displacement
+from regbench.blocks.losses import bending_energy, global_ncc
 from regbench.method import TrainingStage
-from regbench.networks import conv
-from regbench.spatial import compose_displacements, warp
+from regbench.blocks.networks import conv
+from regbench.blocks.spatial import compose_displacements, warp
 
 _COMMON = {
     "affine": True,                 # an affine stage first

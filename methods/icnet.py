@@ -7,10 +7,10 @@ displacement ``F_AB = 7 tanh(net(A, B))`` (voxels) warping A to B, and the *same
     L = L_sim + 0.5 L_smooth + 0.05 L_inv + 1e5 L_antifold        (the official code's weights)
 
 - ``L_sim = MSE(B, A o F_AB) + MSE(A, B o F_BA)`` on per-image z-scored intensities (the code's data loader);
-- ``L_smooth``: :func:`regbench.losses.gradient_smoothness` of F_AB plus that of F_BA (squared forward
+- ``L_smooth``: :func:`regbench.blocks.losses.gradient_smoothness` of F_AB plus that of F_BA (squared forward
   differences, mean over components and voxels, averaged over the axes: the code's ``smoothloss``);
-- ``L_inv``: :func:`regbench.losses.inverse_consistency_loss`, see below;
-- ``L_antifold``: :func:`regbench.losses.antifolding_loss` of each flow, the cube of ``min(D_i F + 1, 0)``
+- ``L_inv``: :func:`regbench.blocks.losses.inverse_consistency_loss`, see below;
+- ``L_antifold``: :func:`regbench.blocks.losses.antifolding_loss` of each flow, the cube of ``min(D_i F + 1, 0)``
   for every component along every axis, as the code has it.
 
 The inverse-consistency term exists in two versions (spec/methods/icnet.md); the recipe key
@@ -18,7 +18,7 @@ The inverse-consistency term exists in two versions (spec/methods/icnet.md); the
 December 2020 commit ("backward mapping"): ``MSE(F_AB, -F_BA o (id + F_AB)) + MSE(F_BA, -F_AB o (id + F_BA))``,
 which vanishes exactly when the two maps invert each other. ``"inverse_network"`` is the paper's wording:
 the inverse network turns a flow into an approximate inverse by sampling its negative with itself,
-``F~_BA = -F_AB o (id + F_AB)`` (:func:`regbench.losses.self_sampled_inverse`, also :meth:`ICNetModel.inverse`),
+``F~_BA = -F_AB o (id + F_AB)`` (:func:`regbench.blocks.losses.self_sampled_inverse`, also :meth:`ICNetModel.inverse`),
 and each direct flow is compared with the inverse made from the other direction.
 
 Other choices:
@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.losses import (INVERSE_CONSISTENCY_VARIANTS, antifolding_loss, gradient_smoothness,
+from regbench.blocks.losses import (INVERSE_CONSISTENCY_VARIANTS, antifolding_loss, gradient_smoothness,
                              inverse_consistency_loss, mse, self_sampled_inverse)
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 
 _COMMON = {
     "start_channel": 8,                   # c of ModelFlow_stride

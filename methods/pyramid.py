@@ -6,7 +6,7 @@ coarse-to-fine loop over the levels l = 4 .. 0. At each level the previous flow 
 upsampled (nearest x2, a learned 3^d conv, the flow times 2), the moving features are warped by that
 flow, an affine block (global average pool -> linear, zero-initialised) turns it into ``T u + t``, the
 moving features are warped again by the result, a cost volume correlates them with the fixed features
-within +-d voxels (regbench.cost_volume, then LeakyReLU(0.1)), and a DenseNet estimator (5 densely
+within +-d voxels (regbench.blocks.cost_volume, then LeakyReLU(0.1)), and a DenseNet estimator (5 densely
 connected blocks, growth 64, 64, 32, 16, 8) predicts the level's *full* flow from [cost volume, fixed
 features, affine flow, upsampled features]. A dilated context network refines one level's flow. Every
 level's flow is scored: local NCC (9^d window) against the images resized to that level, an L2
@@ -47,7 +47,7 @@ own smoothness and affine weights. Official code: github.com/ngunnar/learning-a-
   script's step-decay learning rate (and its start from the pre-trained rather than the multi-task
   weights), and joint training over three tasks (one dataset here).
 - Dice runs over the dataset's evaluation labels (the code: 14 one-hot classes less the background),
-  counting only labels present in the fixed image (regbench.losses.present_label_dice_loss).
+  counting only labels present in the fixed image (regbench.blocks.losses.present_label_dice_loss).
 - Intensities: regbench's datasets are already in [0, 1] (``normalisation = "none"``); ``"joint"`` (tasks 2,
   3: both images by the fixed one's min and max) and ``"separate"`` (task 4) are the code's. Flips and
   swapped pair directions (the code's task-2 augmentation) are ``flip_augmentation``.
@@ -62,10 +62,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.cost_volume import correlation_offsets, cost_volume
-from regbench.losses import gradient_smoothness, local_ncc, mse, one_hot, present_label_dice_loss
+from regbench.blocks.cost_volume import correlation_offsets, cost_volume
+from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, present_label_dice_loss
 from regbench.method import TrainingStage
-from regbench.spatial import resize_displacement, warp
+from regbench.blocks.spatial import resize_displacement, warp
 
 #: geometric level weights of the code, index = level l (0 = full resolution)
 _HALVING = [1.0, 0.5, 0.25, 0.125, 0.0625]

@@ -8,13 +8,13 @@ moving image is interpolated once. Unlike VTN, which scores every stage's output
 learns to improve on what the previous ones left; every cascade's own flow is regularised, and the affine
 stem carries VTN's orthogonality and determinant losses. Training is unsupervised and end to end, with
 gradients through the recursive inputs. At test time each cascade can be repeated ``r`` times with shared
-weights ("r x n cascades", no new parameters). The network is regbench.cascade's, shared with methods/vtn.py.
+weights ("r x n cascades", no new parameters). The network is regbench.blocks.cascade's, shared with methods/vtn.py.
 
 Choices where the paper, the code and this file differ (spec/methods/rcn.md; the official code is
 microsoft/Recursive-Cascaded-Networks):
 
 - Loss terms, weights and normalisations are the code's: ``1 - CC`` on the last warped image
-  (regbench.cascade.correlation_loss: global Pearson correlation, 1e-6 added to each variance),
+  (regbench.blocks.cascade.correlation_loss: global Pearson correlation, 1e-6 added to each variance),
   ``stage_smoothness`` (``tf.nn.l2_loss`` of the forward differences over ``|Omega| d``) at 1.0 on each
   cascade's own flow, ``1/2 (det A - 1)^2`` and the orthogonality loss at 0.1 each, no similarity on the
   affine stem. The code sums every term over the batch, regbench averages: the same ratios.
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.affine import affine_matrix, determinant_loss, orthogonality_loss
-from regbench.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
+from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
+from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
                               step_decay_stages)
 
 _COMMON = {

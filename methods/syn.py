@@ -4,9 +4,9 @@ Avants et al.'s symmetric normalization (MedIA 2008) optimises a diffeomorphism 
 similarity metric, both images moving towards a midpoint, with Gaussian smoothing of the update field
 and of the total field; in the Klein et al. 2009 comparison of 14 tools it ranked first. Here it runs
 through antspyx (ANTsPy), with antsRegistration's command line written out stage by stage
-(:mod:`regbench.ants`): every recipe key below is one antsRegistration parameter, nothing is left to
+(:mod:`regbench.blocks.ants`): every recipe key below is one antsRegistration parameter, nothing is left to
 antspyx's defaults. The forward transforms are converted to regbench's displacement (voxels, fixed grid,
-``warped(x) = moving(x + u(x))``) by :func:`regbench.ants.displacement_from_transforms`.
+``warped(x) = moving(x + u(x))``) by :func:`regbench.blocks.ants.displacement_from_transforms`.
 
 Recipes:
 
@@ -28,7 +28,7 @@ Recipes:
   CC and 201 full-resolution iterations buy nothing.
 
 Reproducibility: one ITK thread and a fixed nonzero random seed give bit-identical displacements on
-rerun (regbench.ants); ``threads`` is part of the recipe, so it is recorded with the runtime in eval.json.
+rerun (regbench.blocks.ants); ``threads`` is part of the recipe, so it is recorded with the runtime in eval.json.
 The images are registered in voxel space (unit spacing, identity direction): the plugin contract gives
 ``register`` arrays, not their spacing, and every parameter here is in voxels or unitless.
 """
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from regbench import RegistrationMethod
-from regbench.ants import linear_stage, register_tensors, registration_options, syn_stage
+from regbench.blocks.ants import linear_stage, register_tensors, registration_options, syn_stage
 
 _LINEAR_OFF = {
     # an optional linear stage before SyN ("" = none; the data are affinely aligned). To add antspyx's

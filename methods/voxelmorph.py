@@ -20,7 +20,7 @@ Choices where the papers and the code differ (see spec/methods/voxelmorph.md):
   regulariser on the half-resolution velocity times ``int_downsize``), not the MICCAI probabilistic
   network (no sigma head, no KL term). Resizing rescales vectors by (S_new - 1) / (S_old - 1), the
   factor that is exact for corner-aligned grids (voxelmorph multiplies by 1/2 and 2); the
-  integration continues the field at the border where voxelmorph pads with zeros (regbench.spatial).
+  integration continues the field at the border where voxelmorph pads with zeros (regbench.blocks.spatial).
 - With ``bidir`` the fixed image is also warped to the moving one, by exp(-v) (diffeomorphic) or by
   -u (voxelmorph's first-order inverse otherwise), each similarity weighted 0.5.
 - The Dice term warps the one-hot moving segmentation linearly, over the dataset's evaluation labels.
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
-from regbench.networks import UNet, flow_head
-from regbench.spatial import integrate_velocity, resize_displacement, warp
+from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
+from regbench.blocks.networks import UNet, flow_head
+from regbench.blocks.spatial import integrate_velocity, resize_displacement, warp
 
 #: voxelmorph's feature lists (encoder, decoder), one entry per convolution: VoxelMorph-1 and -2 of CVPR 2018
 ARCHITECTURES = {
@@ -172,7 +172,7 @@ def _features(recipe: dict) -> tuple[list, list]:
 
 
 def _decoder_groups(encoder: list, decoder: list, downsampling: str) -> list[list[int]]:
-    """voxelmorph's flat decoder list -> convs per resolution, coarsest first (regbench.networks.UNet).
+    """voxelmorph's flat decoder list -> convs per resolution, coarsest first (regbench.blocks.networks.UNet).
 
     PyTorch code (max pool): one conv at each of the len(encoder) coarser resolutions, the rest at full
     resolution. Keras papers (strided): one conv a level down to 1/4, two at 1/2, the rest at full.

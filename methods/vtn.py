@@ -8,22 +8,22 @@ Pearson correlation) of every dense stage's warped image, a smoothness term on e
 flow, and orthogonality and determinant losses that keep ``I + W`` near a rotation. An optional
 invertibility loss registers each pair both ways and penalises the composed round trip. The official
 code is the TensorFlow repository of its sequel, RCN (microsoft/Recursive-Cascaded-Networks), which trains
-"VTN (ADDD)" (affine + 3 dense stages) as its baseline; the network is regbench.cascade's, the affine
-parameterisation and penalties regbench.affine's, shared with methods/rcn.py.
+"VTN (ADDD)" (affine + 3 dense stages) as its baseline; the network is regbench.blocks.cascade's, the affine
+parameterisation and penalties regbench.blocks.affine's, shared with methods/rcn.py.
 
 Choices where the paper, the code and this file differ (spec/methods/vtn.md):
 
 - Similarity on every *dense* stage's output (the paper); whether the affine stage's output is also
   scored is UNVERIFIED and the code does not (it does only when the affine stage is the last):
-  ``affine_similarity_weight`` (0) adds it. ``1 - CC`` is the code's (regbench.cascade.correlation_loss:
+  ``affine_similarity_weight`` (0) adds it. ``1 - CC`` is the code's (regbench.blocks.cascade.correlation_loss:
   global Pearson correlation per image, 1e-6 added to each variance).
 - Loss weights and normalisations are the code's (the paper's Table I is UNVERIFIED): smoothness 1.0 on
-  the code's ``tf.nn.l2_loss``-normalised squared differences (regbench.cascade.stage_smoothness), det 0.1
+  the code's ``tf.nn.l2_loss``-normalised squared differences (regbench.blocks.cascade.stage_smoothness), det 0.1
   on ``1/2 (det A - 1)^2`` (the paper's ``(det A - 1)^2`` at weight w is ``det_weight = 2w``), ortho 0.1.
   The code sums every term over the batch, regbench averages: the same ratios.
 - Each dense output is multiplied by 20 / n (the code's ``flow_multiplier = 1 / n``); gradients are not
   stopped between stages (``warp_gradient``, the code's option, can stop those through the warped inputs).
-- The invertibility loss is not in the official code; its form (both round trips, regbench.losses.
+- The invertibility loss is not in the official code; its form (both round trips, regbench.blocks.losses.
   invertibility_loss) and its weight are UNVERIFIED. It is off in both recipes (``inverse_weight`` 0;
   the spec suggests tuning 1e-3 to 1); when on, the pair is also registered backwards and only the
   round trip is scored, not the backward similarity.
@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from regbench import RegistrationMethod
-from regbench.affine import affine_matrix, determinant_loss, orthogonality_loss
-from regbench.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
+from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
+from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
                               step_decay_stages)
-from regbench.losses import invertibility_loss
+from regbench.blocks.losses import invertibility_loss
 
 _COMMON = {
     "n_cascades": 3,                   # dense stages after the affine one: "VTN (ADDD)"

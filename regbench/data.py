@@ -76,7 +76,7 @@ class PreparedDataset:
         Each subject stores ``to_template`` (psi_s - id: where a subject voxel samples its template) and
         ``from_template`` (psi_s^-1 - id). For fixed a and moving b, u = psi_b^-1 o psi_a - id.
         """
-        from regbench.spatial import compose_displacements
+        from regbench.blocks.spatial import compose_displacements
 
         to_template = self._transform(fixed)["to_template"]
         from_template = self._transform(moving)["from_template"]

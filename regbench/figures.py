@@ -124,7 +124,7 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     from regbench import metrics, plugins
     from regbench.data import PreparedDataset
     from regbench.runtime import configure_threads, select_device
-    from regbench.spatial import warp
+    from regbench.blocks.spatial import warp
     from regbench.training import load_trained
 
     settings = settings or {}

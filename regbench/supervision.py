@@ -162,7 +162,7 @@ _worker_state: dict[str, Any] = {}
 
 def _init_worker(prepared: str, recipe: dict, threads: int) -> None:
     from regbench import plugins
-    from regbench.ants import load_ants, registration_options
+    from regbench.blocks.ants import load_ants, registration_options
     from regbench.data import PreparedDataset
 
     torch.set_num_threads(1)
@@ -173,7 +173,7 @@ def _init_worker(prepared: str, recipe: dict, threads: int) -> None:
 
 
 def _register_pair(fixed: str, moving: str, path: str) -> float:
-    from regbench.ants import register_arrays
+    from regbench.blocks.ants import register_arrays
     from regbench.learn2reg import write_displacement
 
     dataset = _worker_state["dataset"]
@@ -188,7 +188,7 @@ def _register_pair(fixed: str, moving: str, path: str) -> float:
 def compute_supervision(prepared, out_dir, settings: dict[str, Any], n_pairs: int = DEFAULT_PAIRS,
                         workers: int = 1, progress: bool = False) -> pd.DataFrame:
     """Register the supervision pairs with the syn recipe in ``settings``; write the folder's files."""
-    from regbench.ants import ants_version
+    from regbench.blocks.ants import ants_version
     from regbench.data import PreparedDataset
     from regbench.runtime import config_hash, provenance
 

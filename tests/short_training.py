@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regbench.spatial import warp_labels
+from regbench.blocks.spatial import warp_labels
 from regbench.training import load_trained, train
 
 

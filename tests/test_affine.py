@@ -1,12 +1,12 @@
-"""regbench.affine: the I + W, b parameterisation about the centre, its field, and VTN's two penalties."""
+"""regbench.blocks.affine: the I + W, b parameterisation about the centre, its field, and VTN's two penalties."""
 import math
 
 import pytest
 import torch
 
-from regbench.affine import (affine_displacement, affine_matrix, centred_grid, compose_affine, determinant_loss,
+from regbench.blocks.affine import (affine_displacement, affine_matrix, centred_grid, compose_affine, determinant_loss,
                              orthogonality_loss)
-from regbench.spatial import compose_displacements, warp
+from regbench.blocks.spatial import compose_displacements, warp
 
 
 def rotation_2d(angle):

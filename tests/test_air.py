@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regbench.losses import gradient_smoothness, robust_loss
+from regbench.blocks.losses import gradient_smoothness, robust_loss
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import short_training
 
 torch.set_num_threads(1)

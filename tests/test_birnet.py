@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from regbench.data import PreparedDataset
-from regbench.losses import mse
+from regbench.blocks.losses import mse
 from regbench.method import TRAINING_KEYS
-from regbench.patches import output_corners, pad_for_patches, random_corners, sample_at, stitch
+from regbench.blocks.patches import output_corners, pad_for_patches, random_corners, sample_at, stitch
 from regbench.plugins import load_dataset, load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import identity_dice, registered_dice, test_pairs
 
 torch.set_num_threads(1)
@@ -262,7 +262,7 @@ def test_tiles_at_strides_of_the_pooling_factor_agree_where_they_overlap(birnet)
 
 
 def test_foreground_patches_are_centred_in_the_brain():
-    from regbench.patches import foreground_corners
+    from regbench.blocks.patches import foreground_corners
 
     mask = torch.zeros(70, 90, dtype=torch.bool)
     mask[50:60, 5:12] = True  # near a corner: the tile is clamped into the image, the centre stays near

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from regbench.bspline import bspline_basis, bspline_displacement, control_grid_shape, cubic_bspline
+from regbench.blocks.bspline import bspline_basis, bspline_displacement, control_grid_shape, cubic_bspline
 
 
 def test_the_cubic_bspline_has_its_textbook_values():

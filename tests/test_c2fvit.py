@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from regbench.data import PreparedDataset
-from regbench.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation, decode_parameters,
+from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation, decode_parameters,
                                        decoupled_affine_matrix, matrix_to_displacement, parameter_count,
                                        rotation_matrix)
-from regbench.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
+from regbench.blocks.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
 from regbench.method import TRAINING_KEYS, parameter_count as network_parameters
 from regbench.plugins import load_dataset, load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import short_training
-from regbench.transformer import Attention, ConvPatchEmbedding, FeedForward, tokens_to_grid
+from regbench.blocks.transformer import Attention, ConvPatchEmbedding, FeedForward, tokens_to_grid
 
 torch.set_num_threads(1)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regbench.affine import affine_displacement, centred_grid
-from regbench.losses import (background_suppression_loss, dual_consistency_loss, mutual_information,
+from regbench.blocks.affine import affine_displacement, centred_grid
+from regbench.blocks.losses import (background_suppression_loss, dual_consistency_loss, mutual_information,
                              mutual_information_loss, neighbour_smoothness, self_sampled_inverse)
 from regbench.method import TRAINING_KEYS
 from regbench.plugins import load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import short_training
 
 torch.set_num_threads(1)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from regbench.bspline import bspline_displacement
-from regbench.losses import global_ncc
+from regbench.blocks.bspline import bspline_displacement
+from regbench.blocks.losses import global_ncc
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import short_training
 
 torch.set_num_threads(1)

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from regbench.affine import affine_displacement
-from regbench.bspline import bspline_displacement
-from regbench.losses import bending_energy, global_ncc
+from regbench.blocks.affine import affine_displacement
+from regbench.blocks.bspline import bspline_displacement
+from regbench.blocks.losses import bending_energy, global_ncc
 from regbench.method import TRAINING_KEYS
 from regbench.plugins import load_method
-from regbench.spatial import compose_displacements, identity_grid, warp
+from regbench.blocks.spatial import compose_displacements, identity_grid, warp
 from short_training import registered_dice, short_training
 
 torch.set_num_threads(1)

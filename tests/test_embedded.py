@@ -11,7 +11,7 @@ import torch
 from regbench.data import PreparedDataset
 from regbench.io import InputError, load_nifti
 from regbench.plugins import load_dataset
-from regbench.spatial import compose_displacements, warp, warp_labels
+from regbench.blocks.spatial import compose_displacements, warp, warp_labels
 
 SMALL = {"n_train": 2, "n_val": 1, "n_test": 2}
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from regbench.losses import (antifolding_loss, gradient_smoothness, inverse_consistency_loss, mse,
+from regbench.blocks.losses import (antifolding_loss, gradient_smoothness, inverse_consistency_loss, mse,
                              self_sampled_inverse)
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import short_training
 
 torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from regbench.losses import (GlobalNCC, LocalNCC, box_sum, global_ncc, gradient_smoothness, local_ncc, local_ncc_map,
+from regbench.blocks.losses import (GlobalNCC, LocalNCC, box_sum, global_ncc, gradient_smoothness, local_ncc, local_ncc_map,
                              mse, one_hot, soft_dice_loss)
 
 

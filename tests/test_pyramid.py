@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from regbench.cost_volume import correlation_offsets, cost_volume
-from regbench.losses import gradient_smoothness, local_ncc, one_hot, present_label_dice_loss
+from regbench.blocks.cost_volume import correlation_offsets, cost_volume
+from regbench.blocks.losses import gradient_smoothness, local_ncc, one_hot, present_label_dice_loss
 from regbench.method import TRAINING_KEYS
 from regbench.plugins import load_method
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from short_training import short_training
 
 torch.set_num_threads(1)

@@ -3,11 +3,11 @@ repeatable cascades, and a short training that registers."""
 import pytest
 import torch
 
-from regbench.affine import affine_matrix, determinant_loss, orthogonality_loss
-from regbench.cascade import CascadeNet, VTNFlow, correlation_loss, stage_smoothness, voxelmorph_flow
+from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
+from regbench.blocks.cascade import CascadeNet, VTNFlow, correlation_loss, stage_smoothness, voxelmorph_flow
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.spatial import compose_displacements, warp
+from regbench.blocks.spatial import compose_displacements, warp
 from short_training import short_training
 
 

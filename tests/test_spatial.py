@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from regbench.spatial import (compose_displacements, identity_grid, integrate_velocity, resize_displacement, warp,
+from regbench.blocks.spatial import (compose_displacements, identity_grid, integrate_velocity, resize_displacement, warp,
                               warp_labels)
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from regbench.data import PreparedDataset
 from regbench.dataset import write_prepared
 from regbench.io import save_nifti
-from regbench.losses import mse
+from regbench.blocks.losses import mse
 from regbench.method import RegistrationMethod, TrainingStage
-from regbench.spatial import warp
+from regbench.blocks.spatial import warp
 from regbench.training import TrainingDiverged, load_trained, train
 
 

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from regbench.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
+from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
 from regbench.method import TRAINING_KEYS, parameter_count
-from regbench.networks import UNet, flow_head
+from regbench.blocks.networks import UNet, flow_head
 from regbench.plugins import load_method
-from regbench.spatial import resize_displacement, warp
+from regbench.blocks.spatial import resize_displacement, warp
 from short_training import short_training
 
 

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from regbench.affine import affine_displacement, affine_matrix, compose_affine, determinant_loss, orthogonality_loss
-from regbench.cascade import (AffineStem, CascadeNet, VTNFlow, _cubic_bspline_basis, correlation_loss, random_ffd,
+from regbench.blocks.affine import affine_displacement, affine_matrix, compose_affine, determinant_loss, orthogonality_loss
+from regbench.blocks.cascade import (AffineStem, CascadeNet, VTNFlow, _cubic_bspline_basis, correlation_loss, random_ffd,
                               stage_smoothness, uniform_scaling_init_)
-from regbench.losses import invertibility_loss
+from regbench.blocks.losses import invertibility_loss
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.spatial import compose_displacements, warp
+from regbench.blocks.spatial import compose_displacements, warp
 from short_training import short_training
 
 

@@ -71,7 +71,7 @@ def compose_affine(W: torch.Tensor, affine_field: torch.Tensor, inner: torch.Ten
 
     ``affine_field`` is :func:`affine_displacement` of ``(W, b)``. Because the affine map is linear,
     ``u_inner(x) + u_affine(x + u_inner(x)) = u_affine(x) + (I + W) u_inner(x)`` everywhere, with no
-    interpolation and no border effect; :func:`regbench.spatial.compose_displacements` gives the same
+    interpolation and no border effect; :func:`regbench.blocks.spatial.compose_displacements` gives the same
     inside the grid only (it samples ``u_affine`` and continues it flat beyond the border).
     Warping by the result equals warping by the affine first, then by ``inner``.
     """

@@ -272,7 +272,7 @@ def invertibility_loss(forward: torch.Tensor, backward: torch.Tensor, padding_mo
 
     ``forward`` (``B x ndim x *spatial``) registers B to A: on A's grid, ``x -> x + forward(x)`` lands in B;
     ``backward`` registers A to B, on B's grid. Going there and back should return every point, so the
-    composed displacements (:func:`regbench.spatial.compose_displacements`)
+    composed displacements (:func:`regbench.blocks.spatial.compose_displacements`)
 
         r_A(x) = forward(x) + backward(x + forward(x))      r_B(y) = backward(y) + forward(y + backward(y))
 
@@ -280,7 +280,7 @@ def invertibility_loss(forward: torch.Tensor, backward: torch.Tensor, padding_mo
     ``ndim`` channels, voxels^2), averaged over the batch and the voxels, one term per direction.
     Sampling beyond the grid continues the field from its border (``padding_mode``).
     """
-    from regbench.spatial import compose_displacements
+    from regbench.blocks.spatial import compose_displacements
 
     _check_pair(forward, backward, ("forward", "backward"))
     if forward.shape[1] != forward.ndim - 2:
@@ -453,7 +453,7 @@ def self_sampled_inverse(u: torch.Tensor, padding_mode: str = "zeros") -> torch.
     (inside the grid); for other fields an approximation whose error is second order in ``u``.
     ``padding_mode`` for samples beyond the grid: ``"zeros"`` (ICNet) or ``"border"`` (neuron's transformer).
     """
-    from regbench.spatial import warp
+    from regbench.blocks.spatial import warp
 
     return -warp(u, u, padding_mode=padding_mode)
 
@@ -479,7 +479,7 @@ def inverse_consistency_loss(forward: torch.Tensor, backward: torch.Tensor, vari
     Both are 0 for a translation and its negative where the samples stay inside the grid. Beyond the grid
     the sampled flow is 0 with ``padding_mode="zeros"`` (ICNet); ``"border"`` continues it.
     """
-    from regbench.spatial import warp
+    from regbench.blocks.spatial import warp
 
     _check_pair(forward, backward, ("forward", "backward"))
     if forward.shape[1] != forward.ndim - 2:
@@ -529,7 +529,7 @@ def dual_consistency_loss(original: torch.Tensor, warped: torch.Tensor, displace
     for a translation wherever the image is 0 near the border. ``padding_mode`` "border" as the code's
     neuron transformer (clamped to the border).
     """
-    from regbench.spatial import warp
+    from regbench.blocks.spatial import warp
 
     _check_pair(original, warped, ("original", "warped"))
     back = warp(warped, self_sampled_inverse(displacement, padding_mode), padding_mode=padding_mode)

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from regbench.affine import affine_displacement
+from regbench.blocks.affine import affine_displacement
 
 __all__ = [
     "parameter_count",
@@ -193,9 +193,9 @@ def affine_warp(image: torch.Tensor, matrix: torch.Tensor, mode: str = "bilinear
 
 
 def voxel_affine(matrix: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """A normalised-coordinate matrix as regbench.affine's ``(W, b)`` on a grid of ``shape``.
+    """A normalised-coordinate matrix as regbench.blocks.affine's ``(W, b)`` on a grid of ``shape``.
 
-    regbench.affine writes a map as ``x_c -> (I + W) x_c + b`` in voxel coordinates centred on the grid
+    regbench.blocks.affine writes a map as ``x_c -> (I + W) x_c + b`` in voxel coordinates centred on the grid
     (array-axis order). With ``D = diag((S_k - 1) / 2)`` and ``P`` the axis reversal, ``x_c = D P n``, so
     ``n -> L n + t`` becomes ``I + W = D P L P D^-1`` and ``b = D P t``. An axis of one voxel has
     ``D_k = 0``: its row of ``W`` and its ``b_k`` come out 0 (nothing moves along it).
@@ -218,7 +218,7 @@ def matrix_to_displacement(matrix: torch.Tensor, shape) -> torch.Tensor:
     """The displacement ``u`` (``B x d x *shape``, voxels, array-axis channels) of a normalised-coordinate
     matrix on a grid of ``shape``: ``warp(image, u)`` equals :func:`affine_warp` ``(image, matrix)``.
 
-    Through :func:`voxel_affine` and :func:`regbench.affine.affine_displacement` (``u = W x_c + b``).
+    Through :func:`voxel_affine` and :func:`regbench.blocks.affine.affine_displacement` (``u = W x_c + b``).
     """
     W, b = voxel_affine(matrix, shape)
     return affine_displacement(W, b, shape)

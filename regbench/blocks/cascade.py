@@ -4,9 +4,9 @@ A cascade is an affine stem followed by dense subnetworks. Stage k sees the fixe
 image warped by everything before it, and predicts its own displacement ``u_k`` on the fixed grid; the
 stages' fields are *composed*, never re-warped:
 
-    U_0 = u_affine(x) = W x_c + b                          (regbench.affine, centred coordinates)
+    U_0 = u_affine(x) = W x_c + b                          (regbench.blocks.affine, centred coordinates)
     U_1 = u_affine + (I + W) u_1                           (exact: the affine map is linear)
-    U_k = U_{k-1} * u_k = u_k(x) + U_{k-1}(x + u_k(x))      (regbench.spatial.compose_displacements)
+    U_k = U_{k-1} * u_k = u_k(x) + U_{k-1}(x + u_k(x))      (regbench.blocks.spatial.compose_displacements)
     M_k = moving o (id + U_k)                              (always warped from the original moving image)
 
 so ``M_k(x) = M_{k-1}(x + u_k(x))`` up to interpolation, but the image is interpolated once, however many
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench.affine import affine_displacement, compose_affine
+from regbench.blocks.affine import affine_displacement, compose_affine
 from regbench.method import TrainingStage
-from regbench.networks import ConvBlock, UNet, conv, flow_head
-from regbench.spatial import compose_displacements, warp
+from regbench.blocks.networks import ConvBlock, UNet, conv, flow_head
+from regbench.blocks.spatial import compose_displacements, warp
 
 __all__ = [
     "VTNEncoder",
@@ -175,7 +175,7 @@ class AffineStem(nn.Module):
     The encoder is :class:`VTNEncoder` (the code's fixed widths 16 ... 512 are ``width=16, levels=6``), the
     head two bias-free fully connected layers from the last feature map to the ``d^2`` entries of ``W``
     (row k: the displacement's channel k) and the ``d`` of ``b``; with ``A = I + W`` the map is
-    ``x -> A x_c + b`` about the grid centre (:mod:`regbench.affine`). 12 parameters in 3D, 6 in 2D.
+    ``x -> A x_c + b`` about the grid centre (:mod:`regbench.blocks.affine`). 12 parameters in 3D, 6 in 2D.
 
     The code's head is a 'valid' convolution as large as the coarsest map (2^d at 128^d), so it only fits
     one input size. Here the coarsest map is first average-pooled to ``head_size^d`` (adaptively; at
@@ -357,7 +357,7 @@ def stage_smoothness(u: torch.Tensor) -> torch.Tensor:
 
     forward differences along each axis k (one voxel shorter), ``|Omega|`` the voxels of one image, ``d``
     the channels (``tf.nn.l2_loss`` of the differences over ``X Y Z 3``, summed over the batch in the code).
-    It is ``d / 2`` times :func:`regbench.losses.gradient_smoothness` up to the one-voxel-shorter
+    It is ``d / 2`` times :func:`regbench.blocks.losses.gradient_smoothness` up to the one-voxel-shorter
     difference maps: a field growing by ``s`` per voxel in every component along every axis gives
     ``d s^2 / 2`` here (times ``(n - 1) / n``).
     """

@@ -22,7 +22,7 @@ where four control points surround it: :func:`control_grid_shape` gives the size
 on the whole image.
 
 The bending energy that regularises these fields works on any dense field and lives in
-:func:`regbench.losses.bending_energy`.
+:func:`regbench.blocks.losses.bending_energy`.
 """
 from __future__ import annotations
 
