@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from regbench import plugins
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.metrics import pair_metrics
 from regbench.runtime import configure_threads
 

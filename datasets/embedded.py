@@ -35,14 +35,14 @@ Subjects
     ``to_template`` is the one that made the subject, so it is exact; ``from_template`` inverts it to about
     0.01 voxel on average inside the brain (0.015 in 3D; below 0.1 everywhere in the brain), the error of
     scaling and squaring and of linear interpolation.
-    For subjects a (fixed) and b (moving) of one template, :meth:`regbench.data.PreparedDataset.true_displacement`
+    For subjects a (fixed) and b (moving) of one template, :meth:`regbench.data.prepared.PreparedDataset.true_displacement`
     gives ``u = psi_b^-1 o psi_a - id`` and ``moving(x + u(x)) = T(psi_a(x)) = fixed(x)`` up to interpolation.
     Intensity, per subject: gamma ``I^g`` with ``log g`` uniform in +-``gamma``, a smooth multiplicative bias
     ``exp(b)`` (cubic B-spline, 3 intervals per axis, largest ``|b|`` = ``bias``), Gaussian noise of standard
     deviation uniform in [``noise``/2, ``noise``] inside the brain (the background stays 0, as in
     skull-stripped data), clipped to [0, 1].
     Second contrast (``image_t2``), for the multi-contrast methods: each template's full aseg (dropped labels
-    included) remapped to T2-like intensities by :func:`regbench.contrast.label_contrast` (CSF bright, white
+    included) remapped to T2-like intensities by :func:`regbench.data.contrast.label_contrast` (CSF bright, white
     matter dark; tissue without a label CSF-like; blurred by half a voxel), sampled through the same ``psi_s``,
     with the subject's bias field and its own noise: the same anatomy as the T1, in another contrast.
 
@@ -58,7 +58,7 @@ Labels (labels.csv: FreeSurfer's numbers and FreeSurferColorLUT names)
 Splits and pairs
     Per template ``n_train`` train, ``n_val`` val and ``n_test`` test subjects, each drawn from its own seed
     ``(seed, template, split, index)``: changing ``n_train`` leaves val and test unchanged. pairs.csv lists val
-    and test pairs only (training pairs are drawn by :func:`regbench.data.training_batch`): consecutive
+    and test pairs only (training pairs are drawn by :func:`regbench.data.prepared.training_batch`): consecutive
     subjects within each template (``n - 1`` per template, ground truth known) and ``n`` cross-template pairs
     (i-th fsaverage with i-th xhemi subject, which is fixed alternating). Defaults: 7 + 7 + 8 = 22 test pairs.
     Only val and test subjects store a ground-truth transform. Subject ids: ``<template>_<split>_<NN>``;
@@ -91,7 +91,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from regbench.contrast import label_contrast
+from regbench.data.contrast import label_contrast
 from regbench.dataset import DatasetSource, write_prepared
 from regbench.io import InputError, atomic_path, save_nifti
 from regbench.blocks.spatial import compose_displacements, identity_grid, integrate_velocity, warp, warp_labels
@@ -247,7 +247,7 @@ def load_templates(ndim: int, data_dir: Path = DATA_DIR, margin_mm: float = 10.0
 
 def t2_template(aseg: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     """The template's T2-like image: every aseg label (the dropped ones too) remapped by
-    :data:`regbench.contrast.T2_LIKE`, unlabelled tissue CSF-like, a blur of half a voxel."""
+    :data:`regbench.data.contrast.T2_LIKE`, unlabelled tissue CSF-like, a blur of half a voxel."""
     with torch.no_grad():
         image = label_contrast(torch.from_numpy(aseg)[None, None], blur_sigma=0.5,
                                tissue=torch.from_numpy(tissue)[None, None])

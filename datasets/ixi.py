@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from regbench.dataset import DatasetSource, write_prepared
-from regbench.download import extract_members, fetch, record_checksum
+from regbench.data.download import extract_members, fetch, record_checksum
 from regbench.io import InputError, load_nifti, save_nifti
 
 BASE_URL = "http://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from regbench.dataset import DatasetSource, write_prepared
-from regbench.download import extract_members, fetch, record_checksum
+from regbench.data.download import extract_members, fetch, record_checksum
 from regbench.io import InputError, check_same_grid, load_nifti, save_nifti
 
 ARCHIVE = "LPBA40_Subjects_Delineation_Space.zip"

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from regbench.dataset import DatasetSource, write_prepared
-from regbench.download import extract_members, fetch, record_checksum
+from regbench.data.download import extract_members, fetch, record_checksum
 from regbench.io import InputError, check_same_grid, load_nifti, save_nifti
 
 BASE_URL = "http://surfer.nmr.mgh.harvard.edu/ftp/data/neurite/data/"

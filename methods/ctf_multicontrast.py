@@ -19,7 +19,7 @@ for ``M_A`` again. With the official code's weights (``registration.py``, ``loss
 - ``L_dual``: :func:`regbench.blocks.losses.dual_consistency_loss`.
 
 Contrasts. ``moving_contrast = "t2"``: where a dataset serves a T2 image (IXI; the embedded data's T2-like
-twin, made from the labels by :func:`regbench.contrast.label_contrast`), training and evaluation give this
+twin, made from the labels by :func:`regbench.data.contrast.label_contrast`), training and evaluation give this
 method the moving subject's T2 against the fixed subject's T1, as the paper registers FLAIR to DWI; on a
 one-contrast dataset (OASIS, LPBA40) it registers T1 to T1 (the leaderboard says which).
 

@@ -45,7 +45,7 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from regbench import plugins
-    from regbench.data import PreparedDataset
+    from regbench.data.prepared import PreparedDataset
     from regbench.runtime import provenance
     from regbench.training import train
 
@@ -69,7 +69,7 @@ def cmd_train(args) -> None:
 
 def cmd_register(args) -> None:
     from regbench import plugins
-    from regbench.data import PreparedDataset
+    from regbench.data.prepared import PreparedDataset
     from regbench.training import load_trained
 
     settings = _settings(args.settings)

@@ -63,7 +63,7 @@ def check_tables(root: Path, subjects: pd.DataFrame, labels: pd.DataFrame, pairs
     """The three tables of a prepared folder agree: unique subjects, known splits, images and label maps
     named, positive integer labels, pairs of known subjects (:class:`InputError` naming the table).
 
-    :func:`write_prepared` checks what a dataset writes, :class:`regbench.data.PreparedDataset` what it reads.
+    :func:`write_prepared` checks what a dataset writes, :class:`regbench.data.prepared.PreparedDataset` what it reads.
     """
     duplicated = sorted(set(subjects["subject"][subjects["subject"].duplicated()].astype(str)))
     if duplicated:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from regbench import learn2reg, metrics
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import autocast, training_precision

@@ -122,7 +122,7 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     import torch
 
     from regbench import metrics, plugins
-    from regbench.data import PreparedDataset
+    from regbench.data.prepared import PreparedDataset
     from regbench.runtime import configure_threads, select_device
     from regbench.blocks.spatial import warp
     from regbench.training import load_trained

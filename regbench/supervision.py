@@ -105,14 +105,14 @@ class Supervision:
 
 def supervised_batch(dataset, supervision: Supervision, iteration: int, batch_size: int, seed: int,
                      n_pairs: int | None = None, contrast: str | None = None) -> dict[str, torch.Tensor]:
-    """A training batch of supervised pairs: :func:`regbench.data.training_batch`'s keys plus
+    """A training batch of supervised pairs: :func:`regbench.data.prepared.training_batch`'s keys plus
     ``supervision`` (``B x ndim x *spatial``, the SyN displacement of each pair).
 
     Pairs are drawn uniformly from the first ``n_pairs`` rows of the list (all rows if None), by a
     generator seeded with ``(seed, iteration)``: a resumed run sees the pairs an uninterrupted one sees.
-    ``contrast``: the moving images' contrast, as in :func:`regbench.data.training_batch`.
+    ``contrast``: the moving images' contrast, as in :func:`regbench.data.prepared.training_batch`.
     """
-    from regbench.data import stack_pairs
+    from regbench.data.prepared import stack_pairs
 
     available = len(supervision) if n_pairs is None else min(int(n_pairs), len(supervision))
     if available < 1:
@@ -136,11 +136,11 @@ def supervision_dir(out_dir) -> Path:
 def training_batches(method, dataset, out_dir, recipe: dict[str, Any]):
     """The batch function ``(iteration, batch_size, seed) -> batch`` of a training run in ``out_dir``.
 
-    :func:`regbench.data.training_batch` for most methods; for a method with ``needs_supervision``,
+    :func:`regbench.data.prepared.training_batch` for most methods; for a method with ``needs_supervision``,
     :func:`supervised_batch` over :func:`supervision_dir`, cut to the recipe's ``supervision_pairs``
     (all written pairs when the recipe has no such key).
     """
-    from regbench.data import training_batch
+    from regbench.data.prepared import training_batch
 
     contrast = dataset.moving_contrast(method)  # both kinds of batch serve the method's moving contrast
     if not getattr(method, "needs_supervision", False):
@@ -163,7 +163,7 @@ _worker_state: dict[str, Any] = {}
 def _init_worker(prepared: str, recipe: dict, threads: int) -> None:
     from regbench import plugins
     from regbench.blocks.ants import load_ants, registration_options
-    from regbench.data import PreparedDataset
+    from regbench.data.prepared import PreparedDataset
 
     torch.set_num_threads(1)
     load_ants(threads)
@@ -189,7 +189,7 @@ def compute_supervision(prepared, out_dir, settings: dict[str, Any], n_pairs: in
                         workers: int = 1, progress: bool = False) -> pd.DataFrame:
     """Register the supervision pairs with the syn recipe in ``settings``; write the folder's files."""
     from regbench.blocks.ants import ants_version
-    from regbench.data import PreparedDataset
+    from regbench.data.prepared import PreparedDataset
     from regbench.runtime import config_hash, provenance
 
     out_dir = Path(out_dir)

@@ -3,7 +3,7 @@
 The method supplies the network and its named loss terms; the loop sums ``weight * value``, steps
 Adam, logs every term to ``train_log.csv``, checkpoints every ``checkpoint_every`` iterations and
 resumes from the last checkpoint when rerun. Pairs depend only on (seed, iteration)
-(:func:`regbench.data.training_batch`), and the RNG state is checkpointed, so a resumed run on CPU
+(:func:`regbench.data.prepared.training_batch`), and the RNG state is checkpointed, so a resumed run on CPU
 ends with the weights of an uninterrupted one.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.io import atomic_path, write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import (autocast, peak_memory_mb, reset_peak_memory, seed_everything, synchronize,

@@ -1,7 +1,7 @@
 """Fixtures shared by the test files."""
 import pytest
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.plugins import load_dataset
 
 

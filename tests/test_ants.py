@@ -15,7 +15,7 @@ ants_module = pytest.importorskip("ants", reason="the classical baselines need a
 
 from regbench.blocks import ants as rba  # noqa: E402
 from regbench import plugins  # noqa: E402
-from regbench.data import PreparedDataset  # noqa: E402
+from regbench.data.prepared import PreparedDataset  # noqa: E402
 from regbench.metrics import dice_per_label, pair_metrics  # noqa: E402
 from regbench.blocks.spatial import warp, warp_labels  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_syn_and_affine_beat_identity_on_embedded_test_pairs(embedded):
 _RERUN = """
 import hashlib, sys, torch
 from regbench import plugins
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 batch = PreparedDataset(sys.argv[1]).pair(sys.argv[2], sys.argv[3])
 syn = plugins.load_method("syn")
 u = syn.register(None, batch["fixed"], batch["moving"], syn.recipe("quick", {"linear_transform": "Affine"}))

@@ -26,9 +26,9 @@ import yaml
 
 from archives import parcellation
 from regbench.config import ConfigError, check_config
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.dataset import write_prepared
-from regbench.download import extract_members
+from regbench.data.download import extract_members
 from regbench.evaluation import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.learn2reg import write_displacement

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.blocks.losses import mse
 from regbench.method import TRAINING_KEYS
 from regbench.blocks.patches import output_corners, pad_for_patches, random_corners, sample_at, stitch

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation, decode_parameters,
                                        decoupled_affine_matrix, matrix_to_displacement, parameter_count,
                                        rotation_matrix)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from regbench.contrast import T2_LIKE, label_contrast
+from regbench.data.contrast import T2_LIKE, label_contrast
 
 
 def test_label_contrast_is_t2_like_deterministic_and_seeded():

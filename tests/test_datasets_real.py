@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from archives import IXI_SUBJECTS, ixi_archives, lpba40_zip, oasis_tar, serve
-from regbench.download import extract_members, fetch, sha256
+from regbench.data.download import extract_members, fetch, sha256
 from regbench.io import InputError
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.plugins import load_dataset, load_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_a_recorded_checksum_catches_a_changed_file_on_the_server(mirror, tmp_pa
     url, _, folder = mirror
     (folder / "changing.tar").write_bytes(b"first version")
     fetch(url + "changing.tar", tmp_path / "changing.tar", progress=False)
-    from regbench.download import record_checksum
+    from regbench.data.download import record_checksum
 
     record_checksum(tmp_path / "changing.tar")
     (tmp_path / "changing.tar").write_bytes(b"damaged on disk")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.io import InputError, load_nifti
 from regbench.plugins import load_dataset
 from regbench.blocks.spatial import compose_displacements, warp, warp_labels

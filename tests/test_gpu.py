@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.evaluation import evaluate_method, measure
 from regbench.plugins import load_dataset, load_method
 from regbench.runtime import training_precision

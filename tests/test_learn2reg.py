@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from regbench import plugins
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.evaluation import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.learn2reg import read_displacement, write_displacement

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from regbench import aggregate
-from regbench.data import PreparedDataset, training_batch
+from regbench.data.prepared import PreparedDataset, training_batch
 from regbench.dataset import write_prepared
 from regbench.evaluation import evaluate_method
 from regbench.io import save_nifti

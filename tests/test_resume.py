@@ -168,7 +168,7 @@ WRITING_FUNCTIONS = {("torch", "save"), ("np", "save"), ("np", "savez"), ("np", 
                      ("json", "dump"), ("yaml", "dump"), ("yaml", "safe_dump"), ("pickle", "dump"),
                      ("shutil", "copy"), ("shutil", "copy2"), ("shutil", "copyfile"), ("shutil", "move")}
 #: Deliberate exceptions: a download goes to <file>.part (resumed by the next run) and is renamed when complete.
-NOT_ATOMIC = {("regbench/download.py", "open(self.part_path, mode)")}
+NOT_ATOMIC = {("regbench/data/download.py", "open(self.part_path, mode)")}
 
 
 def unguarded_writes(source: str) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from regbench.data import PreparedDataset
+from regbench.data.prepared import PreparedDataset
 from regbench.dataset import write_prepared
 from regbench.io import save_nifti
 from regbench.blocks.losses import mse
