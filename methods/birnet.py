@@ -23,7 +23,7 @@ No official code exists, and only the abstract and third-party notes of the pape
 spec/methods/birnet.md), so the following are choices, each a recipe key where that is cheap:
 
 - Tool: ANTs SyN, as regbench's ``syn`` baseline runs it (its recipe in the config), on the ordered
-  training pairs of :mod:`regbench.supervision`; the paper registered subjects to one template, here T is
+  training pairs of :mod:`regbench.training.supervision`; the paper registered subjects to one template, here T is
   the fixed and S the moving image of any training pair, as for every method of the benchmark.
 - Layers (the spec's reconstruction): two valid 3^d convs a level with batch norm and ReLU, 2x max
   pooling, 2x transposed-conv upsampling; sizes 64 -> 60 -> 30 -> 26 -> 13 -> 9 (quarter output) ->
@@ -93,7 +93,7 @@ class Method(RegistrationMethod):
             "widths": [64, 128, 256],
             "gap_fill_convs": 2,          # valid 3^d convs on each skip connection (0: a plain U-Net skip)
             "patches_per_pair": 8,
-            "supervision_pairs": 400,     # SyN-registered training pairs (regbench.supervision)
+            "supervision_pairs": 400,     # SyN-registered training pairs (regbench.training.supervision)
             "iterations": 50_000,
             "batch_size": 2,
             "lr": 1e-4,

@@ -47,7 +47,7 @@ def cmd_train(args) -> None:
     from regbench import plugins
     from regbench.data.prepared import PreparedDataset
     from regbench.runtime import provenance
-    from regbench.training import train
+    from regbench.training.loop import train
 
     settings = _settings(args.settings)
     device = _prepare_runtime(settings)
@@ -70,7 +70,7 @@ def cmd_train(args) -> None:
 def cmd_register(args) -> None:
     from regbench import plugins
     from regbench.data.prepared import PreparedDataset
-    from regbench.training import load_trained
+    from regbench.training.loop import load_trained
 
     settings = _settings(args.settings)
     device = _prepare_runtime(settings)

@@ -125,7 +125,7 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     from regbench.data.prepared import PreparedDataset
     from regbench.runtime import configure_threads, select_device
     from regbench.blocks.spatial import warp
-    from regbench.training import load_trained
+    from regbench.training.loop import load_trained
 
     settings = settings or {}
     if settings.get("torch_threads"):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from regbench.blocks.spatial import warp_labels
-from regbench.training import load_trained, train
+from regbench.training.loop import load_trained, train
 
 
 def mean_dice(fixed_seg, warped_seg, labels) -> float:

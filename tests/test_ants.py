@@ -222,7 +222,7 @@ def test_bad_settings_get_one_clear_error():
 
 
 def test_supervision_pairs_are_a_seeded_prefix_stable_sample():
-    from regbench.supervision import supervision_pairs
+    from regbench.training.supervision import supervision_pairs
 
     subjects = [f"s{i}" for i in range(6)]
     every = supervision_pairs(subjects, 0, seed=0)
@@ -234,7 +234,7 @@ def test_supervision_pairs_are_a_seeded_prefix_stable_sample():
 def test_supervision_files_are_written_read_and_kept_on_rerun(embedded, tmp_path):
     from regbench.config import check_config, job_settings
     from regbench.learn2reg import read_displacement
-    from regbench.supervision import Supervision, compute_supervision, supervised_batch
+    from regbench.training.supervision import Supervision, compute_supervision, supervised_batch
 
     config = check_config({"datasets": {"embedded2d": {"n_train": 2}}, "methods": {"identity": {}}})
     settings = job_settings(config, "embedded2d", "syn")  # syn need not be listed among the methods

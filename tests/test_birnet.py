@@ -290,7 +290,7 @@ def supervised_embedded2d(tmp_path_factory):
     """embedded2d with 6 training subjects per template, and SyN (quick) on 16 ordered training pairs,
     laid out as the workflow lays them out: <root>/syn_supervision beside the method's <root>/birnet."""
     from regbench.config import check_config, job_settings
-    from regbench.supervision import compute_supervision
+    from regbench.training.supervision import compute_supervision
 
     root = tmp_path_factory.mktemp("birnet")
     source = load_dataset("embedded2d")
@@ -302,8 +302,8 @@ def supervised_embedded2d(tmp_path_factory):
 
 
 def test_short_training_lowers_the_loss_and_beats_identity(birnet, supervised_embedded2d):
-    from regbench.supervision import Supervision, supervised_batch
-    from regbench.training import load_trained, train
+    from regbench.training.supervision import Supervision, supervised_batch
+    from regbench.training.loop import load_trained, train
 
     dataset, results = supervised_embedded2d
     recipe = birnet.recipe("quick", {"iterations": 400, "supervision_pairs": 16, "checkpoint_every": 1000})

@@ -13,7 +13,7 @@ from regbench.data.prepared import PreparedDataset
 from regbench.evaluation import evaluate_method, measure
 from regbench.plugins import load_dataset, load_method
 from regbench.runtime import training_precision
-from regbench.training import load_trained, train
+from regbench.training.loop import load_trained, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 

@@ -13,7 +13,7 @@ from regbench.io import save_nifti
 from regbench.blocks.losses import mse
 from regbench.method import RegistrationMethod, TrainingStage
 from regbench.blocks.spatial import warp
-from regbench.training import TrainingDiverged, load_trained, train
+from regbench.training.loop import TrainingDiverged, load_trained, train
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """ANTs through antspyx: one explicit ``antsRegistration`` call, and its transforms in regbench's convention.
 
 Three parts, shared by the classical baselines (``methods/syn.py``, ``methods/affine.py``) and the SyN
-supervision of later methods (:mod:`regbench.supervision`):
+supervision of later methods (:mod:`regbench.training.supervision`):
 
 - :class:`Stage` and :func:`registration`: antsRegistration's command line written out stage by stage
   (transform, metric, iterations, shrink factors, smoothing), so every parameter a recipe sets is visible

@@ -9,9 +9,9 @@ import sys
 
 from regbench import plugins
 from regbench.config import job_settings, method_recipe
-from regbench.supervision import DEFAULT_PAIRS, SUPERVISOR
+from regbench.training.supervision import DEFAULT_PAIRS, SUPERVISOR
 
-SUPERVISION_CLI = f"{sys.executable} -m regbench.supervision"
+SUPERVISION_CLI = f"{sys.executable} -m regbench.training.supervision"
 
 
 def needs_supervision(method_id):
@@ -32,7 +32,7 @@ def syn_supervision(wildcards):
 
 def supervision_pair_count(wildcards):
     """How many training pairs SyN registers: the most that any supervised method's recipe asks for
-    (recipe key `supervision_pairs`; regbench.supervision.DEFAULT_PAIRS when none says). The list is
+    (recipe key `supervision_pairs`; regbench.training.supervision.DEFAULT_PAIRS when none says). The list is
     prefix-stable, so a method asking for fewer trains on the first ones."""
     counts = [int(method_recipe(CONFIG, m)[1].get("supervision_pairs", DEFAULT_PAIRS)) for m in SUPERVISED_METHODS]
     return max(counts, default=DEFAULT_PAIRS)
@@ -44,7 +44,7 @@ def supervision_settings(wildcards):
 
 
 rule syn_supervision:
-    """SyN displacements for a fixed, seeded list of ordered training pairs (regbench/supervision.py)."""
+    """SyN displacements for a fixed, seeded list of ordered training pairs (regbench/training/supervision.py)."""
     input:
         info=rules.prepare.output.info,
     output:

@@ -24,7 +24,7 @@ from regbench.io import atomic_path, write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import (autocast, peak_memory_mb, reset_peak_memory, seed_everything, synchronize,
                               training_precision)
-from regbench.supervision import training_batches
+from regbench.training.supervision import training_batches
 
 
 class TrainingDiverged(RuntimeError):

@@ -20,7 +20,7 @@ What is written (``results/<dataset>/syn_supervision/``)
 Each pair runs in a worker process with one ITK thread, so the displacements do not depend on how many
 workers there are, and a rerun gives identical files.
 
-    python -m regbench.supervision --prepared data/<ds>/prepared --out results/<ds>/syn_supervision \
+    python -m regbench.training.supervision --prepared data/<ds>/prepared --out results/<ds>/syn_supervision \
         --settings '<job settings JSON of method syn>' --pairs 200 --workers 2
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 
 from regbench.io import InputError, read_json, write_csv, write_json
 
-log = logging.getLogger("regbench.supervision")
+log = logging.getLogger("regbench.training.supervision")
 
 #: the method whose displacements supervise
 SUPERVISOR = "syn"
@@ -241,7 +241,7 @@ def compute_supervision(prepared, out_dir, settings: dict[str, Any], n_pairs: in
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    parser = argparse.ArgumentParser(prog="python -m regbench.supervision", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m regbench.training.supervision", description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", required=True, help="the prepared dataset folder")
     parser.add_argument("--out", required=True, help="the output folder (results/<dataset>/syn_supervision)")
     parser.add_argument("--settings", required=True, help="job settings JSON of method syn (regbench.config.job_settings)")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = json.loads(args.settings)
     except json.JSONDecodeError as err:
-        raise SystemExit(f"regbench.supervision: --settings is not valid JSON ({err})")
+        raise SystemExit(f"regbench.training.supervision: --settings is not valid JSON ({err})")
     try:
         index = compute_supervision(args.prepared, args.out, settings, args.pairs, args.workers, progress=True)
     except InputError as err:
