@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from regbench.aggregate import TIMING_COLUMNS as TIMING_PREFIXES
+from regbench.evaluation.aggregate import TIMING_COLUMNS as TIMING_PREFIXES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Time ``regbench.metrics.pair_metrics`` on one OASIS-size pair on one CPU core.
+"""Time ``regbench.evaluation.metrics.pair_metrics`` on one OASIS-size pair on one CPU core.
 
 The pair is synthetic: 160 x 192 x 224 voxels, 35 labels (400 Voronoi cells of random seeds inside an
 ellipsoidal "brain", shared out among the labels, their borders made wiggly by a smooth warp, background
@@ -30,7 +30,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
-from regbench import metrics  # noqa: E402
+from regbench.evaluation import metrics  # noqa: E402
 
 SHAPE = (160, 192, 224)
 N_LABELS = 35

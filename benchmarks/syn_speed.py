@@ -25,7 +25,7 @@ import numpy as np
 
 from regbench import plugins
 from regbench.data.prepared import PreparedDataset
-from regbench.metrics import pair_metrics
+from regbench.evaluation.metrics import pair_metrics
 from regbench.runtime import configure_threads
 
 QUICK_BUDGET_S = 2.0

@@ -95,7 +95,7 @@ def cmd_register(args) -> None:
 
 
 def _register(args, settings, method, recipe, dataset, net, device):
-    from regbench.evaluation import evaluate_method
+    from regbench.evaluation.scoring import evaluate_method
     from regbench.runtime import provenance
 
     return evaluate_method(method, recipe, dataset, args.out, net=net, device=device,
@@ -173,7 +173,7 @@ def cmd_evaluate(args) -> None:
     """Every per-pair metric for one displacement file, as JSON."""
     import numpy as np
 
-    from regbench import metrics
+    from regbench.evaluation import metrics
     from regbench.io import load_nifti, write_text
     from regbench.learn2reg import read_displacement
 
@@ -203,7 +203,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_aggregate(args) -> None:
-    from regbench.aggregate import write_leaderboard
+    from regbench.evaluation.aggregate import write_leaderboard
     from regbench.io import write_json
     from regbench.runtime import provenance
 

@@ -121,7 +121,8 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     (``ndim x *spatial``, voxels) and its scores, recomputed and as evaluated."""
     import torch
 
-    from regbench import metrics, plugins
+    from regbench import plugins
+    from regbench.evaluation import metrics
     from regbench.data.prepared import PreparedDataset
     from regbench.runtime import configure_threads, select_device
     from regbench.blocks.spatial import warp

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench import aggregate, figures, plots, style
+from regbench import figures, plots, style
+from regbench.evaluation import aggregate
 from regbench.io import InputError, read_json, write_text
-from regbench.stats import ALPHA, HIGHER_IS_BETTER
+from regbench.evaluation.stats import ALPHA, HIGHER_IS_BETTER
 
 #: Published results (spec/evaluation.md): dataset id, regbench method id (None: a method regbench does not
 #: have), the name the source uses, Dice, other metrics, source. Learn2Reg's OASIS test pairs are

@@ -16,7 +16,7 @@ ants_module = pytest.importorskip("ants", reason="the classical baselines need a
 from regbench.blocks import ants as rba  # noqa: E402
 from regbench import plugins  # noqa: E402
 from regbench.data.prepared import PreparedDataset  # noqa: E402
-from regbench.metrics import dice_per_label, pair_metrics  # noqa: E402
+from regbench.evaluation.metrics import dice_per_label, pair_metrics  # noqa: E402
 from regbench.blocks.spatial import warp, warp_labels  # noqa: E402
 
 TRANSMORPH = sys.modules[type(plugins.load_method("syn")).__module__].TRANSMORPH

@@ -29,7 +29,7 @@ from regbench.config import ConfigError, check_config
 from regbench.data.prepared import PreparedDataset
 from regbench.dataset import write_prepared
 from regbench.data.download import extract_members
-from regbench.evaluation import evaluate_method
+from regbench.evaluation.scoring import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.learn2reg import write_displacement
 from regbench.plugins import load_dataset, load_method

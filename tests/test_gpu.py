@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from regbench.data.prepared import PreparedDataset
-from regbench.evaluation import evaluate_method, measure
+from regbench.evaluation.scoring import evaluate_method, measure
 from regbench.plugins import load_dataset, load_method
 from regbench.runtime import training_precision
 from regbench.training.loop import load_trained, train

@@ -1,7 +1,7 @@
 """leaderboard.md: the best of each column in bold (ties at the printed precision too), contrasts named."""
 import pandas as pd
 
-from regbench.aggregate import markdown_table
+from regbench.evaluation.aggregate import markdown_table
 
 
 def board(rows):

@@ -9,7 +9,7 @@ import pytest
 
 from regbench import plugins
 from regbench.data.prepared import PreparedDataset
-from regbench.evaluation import evaluate_method
+from regbench.evaluation.scoring import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.learn2reg import read_displacement, write_displacement
 

@@ -1,4 +1,4 @@
-"""regbench.metrics: numbers computed by hand, and agreement with straightforward implementations."""
+"""regbench.evaluation.metrics: numbers computed by hand, and agreement with straightforward implementations."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from regbench import metrics as M
-from regbench.metrics import jacobian
+from regbench.evaluation import metrics as M
+from regbench.evaluation.metrics import jacobian
 
 # --------------------------------------------------------------------------------------------------
 # helpers: straightforward per-label implementations

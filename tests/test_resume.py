@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from regbench.aggregate import TIMING_COLUMNS
+from regbench.evaluation.aggregate import TIMING_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 40

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from regbench import stats
+from regbench.evaluation import stats
 
 
 def table(values, metric="dice"):

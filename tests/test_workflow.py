@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from regbench.aggregate import TIMING_COLUMNS
+from regbench.evaluation.aggregate import TIMING_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

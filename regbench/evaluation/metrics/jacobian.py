@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from regbench.metrics.inputs import _as_displacement, _as_mask
-from regbench.metrics.overlap import _slab_rows
+from regbench.evaluation.metrics.inputs import _as_displacement, _as_mask
+from regbench.evaluation.metrics.overlap import _slab_rows
 
 
 def _work_dtype(u):

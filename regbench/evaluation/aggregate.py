@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench import stats
+from regbench.evaluation import stats
 from regbench.io import InputError, read_json, write_csv, write_text
 
 #: columns of pairs.csv that are not metrics

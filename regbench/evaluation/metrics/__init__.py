@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from regbench.metrics.inputs import (
+from regbench.evaluation.metrics.inputs import (
     _as_displacement,
     _as_label_map,
     _as_labels,
     _as_mask,
     _as_spacing,
 )
-from regbench.metrics.jacobian import (
+from regbench.evaluation.metrics.jacobian import (
     _field_pass,
     end_point_error,
     fold_pct,
@@ -57,7 +57,7 @@ from regbench.metrics.jacobian import (
     sdlogj,
     sdlogj_l2r,
 )
-from regbench.metrics.overlap import (
+from regbench.evaluation.metrics.overlap import (
     _absent,
     _compact,
     _dice_from_joint,
@@ -67,7 +67,7 @@ from regbench.metrics.overlap import (
     dice_per_label,
     warp_label_map,
 )
-from regbench.metrics.surface import (
+from regbench.evaluation.metrics.surface import (
     _hd_from_compact,
     hd95_per_label,
     hd95_vox_per_label,

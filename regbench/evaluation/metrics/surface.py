@@ -8,8 +8,8 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
-from regbench.metrics.inputs import _as_spacing, _check_pair
-from regbench.metrics.overlap import _compact
+from regbench.evaluation.metrics.inputs import _as_spacing, _check_pair
+from regbench.evaluation.metrics.overlap import _compact
 
 
 # Bit weight of the voxel at offset delta in a 2^ndim neighbourhood of a corner: the first voxel

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from regbench import learn2reg, metrics
+from regbench import learn2reg
+from regbench.evaluation import metrics
 from regbench.data.prepared import PreparedDataset
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count

@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 
-from regbench.metrics.inputs import _as_displacement, _as_label_map, _check_pair
+from regbench.evaluation.metrics.inputs import _as_displacement, _as_label_map, _check_pair
 
 
 def _compact(seg, labels):
