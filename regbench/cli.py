@@ -217,7 +217,7 @@ def cmd_aggregate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from regbench.report import write_report
+    from regbench.report.page import write_report
 
     methods = json.loads(args.methods)
     write_report(args.results, list(methods), methods)

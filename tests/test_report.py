@@ -22,7 +22,9 @@ import pytest
 import torch
 import yaml
 
-from regbench import cli, figures, report
+from regbench import cli
+from regbench.report import figures
+from regbench.report import page as report_page
 from regbench.config import check_config, job_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +155,7 @@ def _cells(table_html: str, method: str) -> list[str]:
 
 def test_significance_marks_and_bold_follow_stats_csv(tmp_path):
     _fake_results(tmp_path, "toy")
-    section = report.DatasetSection(tmp_path, "toy", ["a", "b", "c"])
+    section = report_page.DatasetSection(tmp_path, "toy", ["a", "b", "c"])
     assert [c[0] for c in section.columns()] == ["dice", "dsc30", "fold_pct"]
     table = section.tables_html()
     dice = {m: _cells(table, m)[0] for m in "abc"}
@@ -174,7 +176,7 @@ def test_published_numbers_appear_where_the_dataset_and_method_match(tmp_path):
     board.to_csv(tmp_path / "oasis" / "leaderboard.csv", index=False)
     stats = pd.read_csv(tmp_path / "oasis" / "stats.csv").replace({"a": "identity", "b": "syn", "c": "voxelmorph"})
     stats.to_csv(tmp_path / "oasis" / "stats.csv", index=False)
-    table = report.DatasetSection(tmp_path, "oasis", ["identity", "syn", "voxelmorph"]).tables_html()
+    table = report_page.DatasetSection(tmp_path, "oasis", ["identity", "syn", "voxelmorph"]).tables_html()
     assert "0.756" in _cells(table, "syn")[-1] and "ANTs" in _cells(table, "syn")[-1]
     assert "0.559" in _cells(table, "identity")[-1]
     assert _cells(table, "voxelmorph")[-1].endswith(">–</td>")  # Learn2Reg's table has no VoxelMorph
@@ -184,7 +186,7 @@ def test_published_numbers_appear_where_the_dataset_and_method_match(tmp_path):
 def test_a_method_missing_from_the_leaderboard_is_named(tmp_path):
     _fake_results(tmp_path, "toy")
     with pytest.raises(ValueError, match="no row for z"):
-        report.DatasetSection(tmp_path, "toy", ["a", "z"])
+        report_page.DatasetSection(tmp_path, "toy", ["a", "z"])
 
 
 # ------------------------------------------------------------------------------------------------ figures

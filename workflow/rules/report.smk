@@ -1,12 +1,12 @@
 # The report in two steps: rule report_dataset draws one dataset's figures and table, rule report joins every
-# dataset into results/report/index.html and results/leaderboard.md (regbench/report.py). Outputs flagged
+# dataset into results/report/index.html and results/leaderboard.md (regbench/report/page.py). Outputs flagged
 # report() also go into `snakemake --report report.html`, captioned by workflow/report/*.rst.
 import os
 import shlex
 
 from regbench.runtime import config_hash
 
-REPORT_CLI = f"{sys.executable} -m regbench.report"
+REPORT_CLI = f"{sys.executable} -m regbench.report.page"
 # The command line of this run, for the report's provenance: the main snakemake process records it, and jobs
 # that a cluster runs inherit it through the environment. Not a param: another command line for the same
 # config does not make the report out of date.

@@ -1,9 +1,9 @@
 """The report: results/report/index.html (one page, figures embedded, works offline), a table page and
 the figures per dataset, and results/leaderboard.md.
 
-Two steps, so that a dataset's figures are one job: ``python -m regbench.report dataset`` writes
-results/report/<dataset>/ (the figures of :mod:`regbench.figures`, figures.json and leaderboard.html),
-then ``python -m regbench.report page`` writes index.html and leaderboard.md from every dataset's.
+Two steps, so that a dataset's figures are one job: ``python -m regbench.report.page dataset`` writes
+results/report/<dataset>/ (the figures of :mod:`regbench.report.figures`, figures.json and leaderboard.html),
+then ``python -m regbench.report.page page`` writes index.html and leaderboard.md from every dataset's.
 
 The leaderboard shows every metric of pairs.csv as mean ± std over the test pairs. Significance comes
 from stats.csv: in each column the best mean is bold, and ◆ marks it and every method not significantly
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench import figures, plots, style
+from regbench.report import figures, plots, style
 from regbench.evaluation import aggregate
 from regbench.io import InputError, read_json, write_text
 from regbench.evaluation.stats import ALPHA, HIGHER_IS_BETTER
@@ -289,7 +289,7 @@ class DatasetSection:
         paths = figures.figure_paths(self.results_dir, self.dataset_id)
         for name, path in paths.items():
             if not path.exists():
-                raise InputError(f"{path}: not found; run `python -m regbench.report dataset` for "
+                raise InputError(f"{path}: not found; run `python -m regbench.report.page dataset` for "
                                  f"{self.dataset_id} first")
             heading, caption = FIGURE_TEXT[name]
             if name == "median_pair" and self.facts.get("median_pair"):
@@ -363,7 +363,7 @@ def _provenance_html(sections: list[DatasetSection], command: str | None, config
         other = sorted(str(v) for v in job_versions.get(package, set()) if v != version)
         note = f" <span class='warn'>(jobs: {html.escape(', '.join(other))})</span>" if other else ""
         chips += f"<span class='chip'>{html.escape(package)} <code>{html.escape(str(version))}</code>{note}</span>"
-    report_step = shlex.join(["python", "-m", "regbench.report", *sys.argv[1:]]) \
+    report_step = shlex.join(["python", "-m", "regbench.report.page", *sys.argv[1:]]) \
         if Path(sys.argv[0]).name == "report.py" else shlex.join(sys.argv)
     facts = [
         ("command", f"<code>{html.escape(command)}</code>" if command else "–"),
@@ -469,7 +469,7 @@ def _short_commit(commit) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m regbench.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m regbench.report.page", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="step", required=True)
     p = commands.add_parser("dataset", help="results/report/<dataset>/: the figures and the table of one dataset")
     p.add_argument("--results", required=True)

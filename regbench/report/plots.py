@@ -1,6 +1,6 @@
-"""The report's figures: tidy tables in, one PNG out, each in the look of :mod:`regbench.style`.
+"""The report's figures: tidy tables in, one PNG out, each in the look of :mod:`regbench.report.style`.
 
-Every function takes ``colors`` (method -> colour, :func:`regbench.style.method_colors`) and draws
+Every function takes ``colors`` (method -> colour, :func:`regbench.report.style.method_colors`) and draws
 the methods in the order of that mapping's keys unless an ``order`` is given (the leaderboard's).
 Units are those of the per-pair tables (spec/evaluation.md): Dice in [0, 1], folds in % of voxels,
 runtime and training time in seconds.
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from regbench import style
+from regbench.report import style
 
 
 def dice_per_structure(label_tables: dict[str, pd.DataFrame], path, colors: dict | None = None) -> None:

@@ -1,6 +1,6 @@
 """The one look of every report figure: theme, sizes, a colour per method, image colour maps, saving.
 
-Every function of :mod:`regbench.plots` starts with :func:`apply` and ends with :func:`save`, and
+Every function of :mod:`regbench.report.plots` starts with :func:`apply` and ends with :func:`save`, and
 takes its colours from :func:`method_colors`, so a method has the same colour in every figure of a
 run (the order of the config's ``methods``; ``identity``, the floor of every table, is grey).
 """

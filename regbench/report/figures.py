@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench import plots, style
+from regbench.report import plots, style
 from regbench.io import InputError, read_json, write_json
 
 log = logging.getLogger("regbench")

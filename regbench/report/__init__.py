@@ -1,0 +1,1 @@
+"""The report: one offline HTML page, its figures and their common look."""
