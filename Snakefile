@@ -13,7 +13,7 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-from regbench.config import check_config, job_settings, is_trainable
+from regbench.workflow.config import check_config, job_settings, is_trainable
 
 CONFIG_FILES = [str(f) for f in workflow.config_settings.configfiles] or ["config/config.yaml"]
 # the schema (config/schema.yaml), then every id, recipe key and type against the plugins: one error line

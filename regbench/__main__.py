@@ -1,5 +1,5 @@
 import sys
 
-from regbench.cli import main
+from regbench.workflow.cli import main
 
 sys.exit(main())

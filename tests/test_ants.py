@@ -232,7 +232,7 @@ def test_supervision_pairs_are_a_seeded_prefix_stable_sample():
 
 
 def test_supervision_files_are_written_read_and_kept_on_rerun(embedded, tmp_path):
-    from regbench.config import check_config, job_settings
+    from regbench.workflow.config import check_config, job_settings
     from regbench.learn2reg import read_displacement
     from regbench.training.supervision import Supervision, compute_supervision, supervised_batch
 

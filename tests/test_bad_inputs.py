@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from archives import parcellation
-from regbench.config import ConfigError, check_config
+from regbench.workflow.config import ConfigError, check_config
 from regbench.data.prepared import PreparedDataset
 from regbench.dataset import write_prepared
 from regbench.data.download import extract_members

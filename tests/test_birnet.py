@@ -289,7 +289,7 @@ def test_sample_at_matches_the_whole_image_warp():
 def supervised_embedded2d(tmp_path_factory):
     """embedded2d with 6 training subjects per template, and SyN (quick) on 16 ordered training pairs,
     laid out as the workflow lays them out: <root>/syn_supervision beside the method's <root>/birnet."""
-    from regbench.config import check_config, job_settings
+    from regbench.workflow.config import check_config, job_settings
     from regbench.training.supervision import compute_supervision
 
     root = tmp_path_factory.mktemp("birnet")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from regbench.config import ConfigError, check_config, job_settings
+from regbench.workflow.config import ConfigError, check_config, job_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

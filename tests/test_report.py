@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from regbench import cli
+from regbench.workflow import cli
 from regbench.report import figures
 from regbench.report import page as report_page
-from regbench.config import check_config, job_settings
+from regbench.workflow.config import check_config, job_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["identity", "voxelmorph"]

@@ -8,7 +8,7 @@ import json
 import sys
 
 from regbench import plugins
-from regbench.config import job_settings, method_recipe
+from regbench.workflow.config import job_settings, method_recipe
 from regbench.training.supervision import DEFAULT_PAIRS, SUPERVISOR
 
 SUPERVISION_CLI = f"{sys.executable} -m regbench.training.supervision"

@@ -2,7 +2,7 @@ import json
 import sys
 
 from regbench import plugins
-from regbench.config import ConfigError
+from regbench.workflow.config import ConfigError
 
 #: the CLI of the Python that runs snakemake (works without an activated environment)
 REGBENCH = f"{sys.executable} -m regbench"

@@ -1,6 +1,6 @@
 """``regbench`` command line: the workflow's steps (each rule is one call) and small utilities.
 
-The workflow passes each job its settings as JSON (:func:`regbench.config.job_settings`), so a job
+The workflow passes each job its settings as JSON (:func:`regbench.workflow.config.job_settings`), so a job
 can be rerun by hand with the exact command from its log.
 """
 from __future__ import annotations
