@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from regbench.io import InputError, write_csv, write_json
-from regbench.method import _same_kind  # the rule recipe overrides follow: an int may replace a float
+from regbench.method import same_kind  # the rule that recipe overrides follow: an int may replace a float
 
 SPLITS = ("train", "val", "test")
 
@@ -46,7 +46,7 @@ class DatasetSource:
         for key, value in (overrides or {}).items():
             if key not in resolved:
                 raise ValueError(f"dataset {self.name!r}: unknown option {key!r}; known: {sorted(resolved)}")
-            if resolved[key] is not None and not _same_kind(value, resolved[key]):
+            if resolved[key] is not None and not same_kind(value, resolved[key]):
                 raise ValueError(f"dataset {self.name!r}: option {key!r} must be {type(resolved[key]).__name__} "
                                  f"(like its default {resolved[key]!r}), got {type(value).__name__} {value!r}")
             resolved[key] = value

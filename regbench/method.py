@@ -84,7 +84,7 @@ class RegistrationMethod:
                     f"known keys: {sorted(resolved)}"
                 )
             expected = type(resolved[key])
-            if resolved[key] is not None and not _same_kind(value, resolved[key]):
+            if resolved[key] is not None and not same_kind(value, resolved[key]):
                 raise ValueError(
                     f"method {self.name!r}: recipe key {key!r} must be {expected.__name__}, "
                     f"got {type(value).__name__} {value!r}"
@@ -117,7 +117,7 @@ class RegistrationMethod:
         raise NotImplementedError(f"method {self.name!r} must implement register()")
 
 
-def _same_kind(value: Any, reference: Any) -> bool:
+def same_kind(value: Any, reference: Any) -> bool:
     """A config value may replace a recipe value of the same kind (ints are accepted for floats)."""
     if isinstance(reference, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(reference, bool)
