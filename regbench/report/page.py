@@ -17,6 +17,7 @@ import argparse
 import base64
 import html
 import json
+import os
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -481,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", required=True)
     p.add_argument("--data", default="data", help="the data folder (for data/<dataset>/prepared/dataset.json)")
     p.add_argument("--methods", required=True, help='JSON: {"dataset": ["method", ...]}')
-    p.add_argument("--command", help="the command line that ran the workflow, for the provenance")
+    p.add_argument("--command", default=os.environ.get("REGBENCH_COMMAND") or None,
+                   help="the command line that ran the workflow, for the provenance (default: $REGBENCH_COMMAND, which "
+                        "the workflow sets)")
     p.add_argument("--config-hash", help="the hash of the run's resolved config, for the provenance")
     args = parser.parse_args(argv)
     try:

@@ -1,11 +1,35 @@
+# What the rules share: the jobs' command line and settings, input functions, resources. Rules live in the other
+# files of this folder; every function they call is here (snakemake-workflows' convention).
 import json
+import os
+import shlex
 import sys
 
 from regbench import plugins
-from regbench.workflow.config import ConfigError
+from regbench.training.supervision import DEFAULT_PAIRS, SUPERVISOR
+from regbench.runtime import config_hash
+from regbench.workflow.config import ConfigError, is_trainable, job_settings, method_recipe
 
-#: the CLI of the Python that runs snakemake (works without an activated environment)
-REGBENCH = f"{sys.executable} -m regbench"
+# Jobs call `regbench` and `python` of the environment that runs Snakemake, activated or not: its bin folder
+# leads the PATH of every shell command (a cluster job's too, which runs this file again in its own Python).
+shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
+
+# The command line of this run, for the report's provenance: the main snakemake process records it, and jobs
+# (a cluster's too) receive it through the environment. Not a param: another command line for the same config
+# does not make the report out of date.
+if workflow.is_main_process:
+    os.environ["REGBENCH_COMMAND"] = shlex.join(["snakemake", *sys.argv[1:]])
+else:
+    os.environ.setdefault("REGBENCH_COMMAND", "")
+
+
+envvars:
+    "REGBENCH_COMMAND",
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_]+",
+    method="[A-Za-z0-9_]+",
 
 
 def settings_json(wildcards):
@@ -14,10 +38,65 @@ def settings_json(wildcards):
     return json.dumps(job_settings(CONFIG, wildcards.dataset, method), sort_keys=True)
 
 
-wildcard_constraints:
-    dataset="[A-Za-z0-9_]+",
-    method="[A-Za-z0-9_]+",
+def prepared_folder(wildcards, input):
+    """data/<dataset>/prepared: the folder of the job's input dataset.json."""
+    return os.path.dirname(input.info)
 
+
+def method_folder(wildcards, output):
+    """results/<dataset>/<method>: the folder of the job's first output."""
+    return os.path.dirname(output[0])
+
+
+# ----------------------------------------------------------------------------------------- learned methods
+
+def trained_model(wildcards):
+    """A learned method is evaluated from its model; identity and classical tools need none."""
+    if is_trainable(wildcards.method):
+        return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/model.pt"
+    return []
+
+
+# ----------------------------------------------------------------------------- SyN supervision (BIRNet)
+
+def needs_supervision(method_id):
+    """A method trained on an existing tool's deformations sets `needs_supervision = True`."""
+    return bool(getattr(plugins.load_method(method_id), "needs_supervision", False))
+
+
+SUPERVISED_METHODS = [m for m in METHODS if needs_supervision(m)]
+
+
+def syn_supervision(wildcards):
+    """Input function of the train rule. The SyN supervision index of the dataset for a supervised method,
+    nothing for every other method."""
+    if needs_supervision(wildcards.method):
+        return f"{RESULTS}/{wildcards.dataset}/syn_supervision/index.csv"
+    return []
+
+
+def supervision_pair_count(wildcards):
+    """How many training pairs SyN registers: the most that any supervised method's recipe asks for
+    (recipe key `supervision_pairs`; regbench.training.supervision.DEFAULT_PAIRS when none says). The list is
+    prefix-stable, so a method asking for fewer trains on the first ones."""
+    counts = [int(method_recipe(CONFIG, m)[1].get("supervision_pairs", DEFAULT_PAIRS)) for m in SUPERVISED_METHODS]
+    return max(counts, default=DEFAULT_PAIRS)
+
+
+def supervision_settings(wildcards):
+    """Job settings of method syn (its recipe as this config chooses it, listed among the methods or not)."""
+    return json.dumps(job_settings(CONFIG, wildcards.dataset, SUPERVISOR), sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def dataset_figure(name, title):
+    """A figure of rule report_dataset, flagged for `snakemake --report` (titles numbered in the page's order)."""
+    return report(f"{RESULTS}/report/{{dataset}}/{name}.png", caption=f"../report/{name}.rst",
+                  category="{dataset}", labels={"figure": title})
+
+
+# ------------------------------------------------------------------------------------------------ resources
 
 #: What a job asks a cluster for when the config's `resources:` section does not say (a config without one,
 #: e.g. a real 3D dataset with the papers' recipes: generous upper bounds, a job that ends early frees its slot).

@@ -8,11 +8,11 @@ rule prepare:
     params:
         settings=settings_json,
         raw=f"{DATA}/{{dataset}}/raw",
-        prepared=f"{DATA}/{{dataset}}/prepared",
+        prepared=lambda wildcards, output: os.path.dirname(output.info),
     threads: CONFIG["torch_threads"]
     resources:
         **job_resources("prepare"),
     log:
         f"{RESULTS}/logs/{{dataset}}/prepare.log",
     shell:
-        "{REGBENCH} prepare --raw {params.raw} --prepared {params.prepared} --settings {params.settings:q} > {log} 2>&1"
+        "regbench prepare --raw {params.raw} --prepared {params.prepared} --settings {params.settings:q} > {log} 2>&1"

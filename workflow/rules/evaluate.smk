@@ -1,10 +1,3 @@
-def trained_model(wildcards):
-    """A learned method is evaluated from its model; identity and classical tools need none."""
-    if is_trainable(wildcards.method):
-        return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/model.pt"
-    return []
-
-
 rule register:
     """Register every test pair with one method and score it (one row a pair, one row a pair x label)."""
     input:
@@ -16,15 +9,15 @@ rule register:
         summary=f"{RESULTS}/{{dataset}}/{{method}}/eval.json",
     params:
         settings=settings_json,
-        prepared=f"{DATA}/{{dataset}}/prepared",
-        out=f"{RESULTS}/{{dataset}}/{{method}}",
+        prepared=prepared_folder,
+        out=method_folder,
     threads: CONFIG["torch_threads"]
     resources:
         **job_resources("register"),
     log:
         f"{RESULTS}/logs/{{dataset}}/{{method}}/register.log",
     shell:
-        "{REGBENCH} register --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
+        "regbench register --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule aggregate:
@@ -36,10 +29,12 @@ rule aggregate:
         stats=f"{RESULTS}/{{dataset}}/stats.csv",
         provenance=f"{RESULTS}/{{dataset}}/leaderboard.json",
     params:
+        results=lambda wildcards, output: os.path.dirname(os.path.dirname(output.board)),
         methods=",".join(METHODS),
     resources:
         **job_resources("aggregate"),
     log:
         f"{RESULTS}/logs/{{dataset}}/aggregate.log",
     shell:
-        "{REGBENCH} aggregate --results {RESULTS} --dataset {wildcards.dataset} --methods {params.methods} > {log} 2>&1"
+        "regbench aggregate --results {params.results} --dataset {wildcards.dataset} --methods {params.methods}"
+        " > {log} 2>&1"

@@ -1,27 +1,9 @@
 # The report in two steps: rule report_dataset draws one dataset's figures and table, rule report joins every
 # dataset into results/report/index.html and results/leaderboard.md (regbench/report/page.py). Outputs flagged
 # report() also go into `snakemake --report report.html`, captioned by workflow/report/*.rst.
-import os
-import shlex
-
-from regbench.runtime import config_hash
-
-REPORT_CLI = f"{sys.executable} -m regbench.report.page"
-# The command line of this run, for the report's provenance: the main snakemake process records it, and jobs
-# that a cluster runs inherit it through the environment. Not a param: another command line for the same
-# config does not make the report out of date.
-if workflow.is_main_process:
-    os.environ["REGBENCH_COMMAND"] = shlex.join(["snakemake", *sys.argv[1:]])
-RUN_COMMAND = os.environ.get("REGBENCH_COMMAND", "")
 
 
 report: "../report/workflow.rst"
-
-
-def dataset_figure(name, title):
-    """A figure of rule report_dataset, flagged for `snakemake --report` (titles numbered in the page's order)."""
-    return report(f"{RESULTS}/report/{{dataset}}/{name}.png", caption=f"../report/{name}.rst",
-                  category="{dataset}", labels={"figure": title})
 
 
 rule report_dataset:
@@ -42,7 +24,8 @@ rule report_dataset:
         facts=f"{RESULTS}/report/{{dataset}}/figures.json",
     params:
         settings=settings_json,
-        prepared=f"{DATA}/{{dataset}}/prepared",
+        results=lambda wildcards, input: os.path.dirname(os.path.dirname(input.board)),
+        prepared=prepared_folder,
         methods=",".join(METHODS),
     threads: CONFIG["torch_threads"]
     resources:
@@ -50,8 +33,8 @@ rule report_dataset:
     log:
         f"{RESULTS}/logs/{{dataset}}/report.log",
     shell:
-        "{REPORT_CLI} dataset --results {RESULTS} --prepared {params.prepared} --dataset {wildcards.dataset}"
-        " --methods {params.methods} --settings {params.settings:q} > {log} 2>&1"
+        "python -m regbench.report.page dataset --results {params.results} --prepared {params.prepared}"
+        " --dataset {wildcards.dataset} --methods {params.methods} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule report:
@@ -65,6 +48,8 @@ rule report:
         html=report(f"{RESULTS}/report/index.html", caption="../report/index.rst", category="Report",
                     labels={"figure": "the whole report"}),
     params:
+        results=lambda wildcards, output: os.path.dirname(output.markdown),
+        data=DATA,
         methods=json.dumps({dataset: METHODS for dataset in DATASETS}),
         config_hash=config_hash(CONFIG),
     resources:
@@ -72,5 +57,5 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "{REPORT_CLI} page --results {RESULTS} --data {DATA} --methods {params.methods:q}"
-        " --command {RUN_COMMAND:q} --config-hash {params.config_hash} > {log} 2>&1"
+        "python -m regbench.report.page page --results {params.results} --data {params.data}"
+        " --methods {params.methods:q} --config-hash {params.config_hash} > {log} 2>&1"

@@ -1,20 +1,20 @@
 rule train:
     """Train one method with its recipe on one dataset's training split (a GPU job on a cluster)."""
     input:
-        rules.prepare.output.info,
-        syn_supervision,
+        info=rules.prepare.output.info,
+        supervision=syn_supervision,
     output:
         model=f"{RESULTS}/{{dataset}}/{{method}}/model.pt",
         log=f"{RESULTS}/{{dataset}}/{{method}}/train_log.csv",
         summary=f"{RESULTS}/{{dataset}}/{{method}}/train.json",
     params:
         settings=settings_json,
-        prepared=f"{DATA}/{{dataset}}/prepared",
-        out=f"{RESULTS}/{{dataset}}/{{method}}",
+        prepared=prepared_folder,
+        out=method_folder,
     threads: CONFIG["torch_threads"]
     resources:
         **job_resources("train"),
     log:
         f"{RESULTS}/logs/{{dataset}}/{{method}}/train.log",
     shell:
-        "{REGBENCH} train --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
+        "regbench train --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
