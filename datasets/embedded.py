@@ -35,8 +35,9 @@ Subjects
     ``to_template`` is the one that made the subject, so it is exact; ``from_template`` inverts it to about
     0.01 voxel on average inside the brain (0.015 in 3D; below 0.1 everywhere in the brain), the error of
     scaling and squaring and of linear interpolation.
-    For subjects a (fixed) and b (moving) of one template, :meth:`regbench.data.prepared.PreparedDataset.true_displacement`
-    gives ``u = psi_b^-1 o psi_a - id`` and ``moving(x + u(x)) = T(psi_a(x)) = fixed(x)`` up to interpolation.
+    For subjects a (fixed) and b (moving) of one template,
+    :meth:`regbench.data.prepared.PreparedDataset.true_displacement` gives ``u = psi_b^-1 o psi_a - id`` and
+    ``moving(x + u(x)) = T(psi_a(x)) = fixed(x)`` up to interpolation.
     Intensity, per subject: gamma ``I^g`` with ``log g`` uniform in +-``gamma``, a smooth multiplicative bias
     ``exp(b)`` (cubic B-spline, 3 intervals per axis, largest ``|b|`` = ``bias``), Gaussian noise of standard
     deviation uniform in [``noise``/2, ``noise``] inside the brain (the background stays 0, as in

@@ -58,8 +58,8 @@ from torch import nn
 
 from regbench import RegistrationMethod
 from regbench.blocks.losses import mse
-from regbench.blocks.patches import (centre_crop, crop, foreground_corners, output_corners, pad_for_patches, random_corners,
-                              sample_at, stitch)
+from regbench.blocks.patches import (centre_crop, crop, foreground_corners, output_corners, pad_for_patches,
+                                     random_corners, sample_at, stitch)
 from regbench.blocks.spatial import identity_grid
 
 #: voxels before the full output's corner where each resolution's ground-truth blocks start: output voxel

@@ -65,11 +65,11 @@ from torch import nn
 
 from regbench import RegistrationMethod
 from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation,
-                                       decoupled_affine_matrix, matrix_to_displacement, parameter_count)
+                                              decoupled_affine_matrix, matrix_to_displacement, parameter_count)
 from regbench.blocks.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
 from regbench.blocks.networks import conv
 from regbench.blocks.transformer import (ConvPatchEmbedding, TransformerEncoder, grid_to_tokens,
-                                  init_transformer_weights, tokens_to_grid)
+                                         init_transformer_weights, tokens_to_grid)
 
 SUPERVISION = ("final_multiscale", "per_stage")
 

@@ -58,7 +58,7 @@ from torch import nn
 from regbench import RegistrationMethod
 from regbench.blocks.affine import affine_displacement, compose_affine
 from regbench.blocks.losses import (background_suppression_loss, dual_consistency_loss, mutual_information_loss,
-                             neighbour_smoothness)
+                                    neighbour_smoothness)
 from regbench.method import TrainingStage
 from regbench.blocks.spatial import warp
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from regbench import RegistrationMethod
 from regbench.blocks.losses import (INVERSE_CONSISTENCY_VARIANTS, antifolding_loss, gradient_smoothness,
-                             inverse_consistency_loss, mse, self_sampled_inverse)
+                                    inverse_consistency_loss, mse, self_sampled_inverse)
 from regbench.blocks.spatial import warp
 
 _COMMON = {

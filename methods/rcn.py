@@ -39,7 +39,7 @@ from torch import nn
 from regbench import RegistrationMethod
 from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
 from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
-                              step_decay_stages)
+                                     step_decay_stages)
 
 _COMMON = {
     "base_network": "vtn",             # the dense cascades: "vtn" or "voxelmorph"

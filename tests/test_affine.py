@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regbench.blocks.affine import (affine_displacement, affine_matrix, centred_grid, compose_affine, determinant_loss,
-                             orthogonality_loss)
+                                    orthogonality_loss)
 from regbench.blocks.spatial import compose_displacements, warp
 
 

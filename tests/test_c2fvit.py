@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from regbench.data.prepared import PreparedDataset
-from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation, decode_parameters,
-                                       decoupled_affine_matrix, matrix_to_displacement, parameter_count,
-                                       rotation_matrix)
+from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation,
+                                              decode_parameters, decoupled_affine_matrix, matrix_to_displacement,
+                                              parameter_count, rotation_matrix)
 from regbench.blocks.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
 from regbench.method import TRAINING_KEYS, parameter_count as network_parameters
 from regbench.plugins import load_dataset, load_method

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from regbench.blocks.affine import affine_displacement, centred_grid
 from regbench.blocks.losses import (background_suppression_loss, dual_consistency_loss, mutual_information,
-                             mutual_information_loss, neighbour_smoothness, self_sampled_inverse)
+                                    mutual_information_loss, neighbour_smoothness, self_sampled_inverse)
 from regbench.method import TRAINING_KEYS
 from regbench.plugins import load_method
 from regbench.blocks.spatial import warp

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from regbench.blocks.losses import (antifolding_loss, gradient_smoothness, inverse_consistency_loss, mse,
-                             self_sampled_inverse)
+                                    self_sampled_inverse)
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
 from regbench.blocks.spatial import warp

@@ -36,9 +36,9 @@ def test_lint_parser_reads_every_item():
             "Lints for rule report (line 57, /x/rules/report.smk):\n"
             f"    * {CONDA_ADVICE}:\n      This way, ...\n"
             "    * Shell command directly uses variable RESULTS from outside of the rule:\n      It is ...\n")
+    shell_variable = "Shell command directly uses variable RESULTS from outside of the rule"
     assert lint_items(text) == [("snakefile /x/rules/report.smk", "Mixed rules and functions in same snakefile."),
-                                ("rule report", CONDA_ADVICE),
-                                ("rule report", "Shell command directly uses variable RESULTS from outside of the rule")]
+                                ("rule report", CONDA_ADVICE), ("rule report", shell_variable)]
 
 
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/oasis.yaml"])

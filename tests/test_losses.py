@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from regbench.blocks.losses import (GlobalNCC, LocalNCC, box_sum, global_ncc, gradient_smoothness, local_ncc, local_ncc_map,
-                             mse, one_hot, soft_dice_loss)
+from regbench.blocks.losses import (GlobalNCC, LocalNCC, box_sum, global_ncc, gradient_smoothness, local_ncc,
+                                    local_ncc_map, mse, one_hot, soft_dice_loss)
 
 
 def textured(shape, seed=0):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from regbench.blocks.spatial import (compose_displacements, identity_grid, integrate_velocity, resize_displacement, warp,
-                              warp_labels)
+from regbench.blocks.spatial import (compose_displacements, identity_grid, integrate_velocity, resize_displacement,
+                                     warp, warp_labels)
 
 
 def smooth_field(shape, amplitude, seed):

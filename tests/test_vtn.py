@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from regbench.blocks.affine import affine_displacement, affine_matrix, compose_affine, determinant_loss, orthogonality_loss
-from regbench.blocks.cascade import (AffineStem, CascadeNet, VTNFlow, _cubic_bspline_basis, correlation_loss, random_ffd,
-                              stage_smoothness, uniform_scaling_init_)
+from regbench.blocks.affine import (affine_displacement, affine_matrix, compose_affine, determinant_loss,
+                                    orthogonality_loss)
+from regbench.blocks.cascade import (AffineStem, CascadeNet, VTNFlow, _cubic_bspline_basis, correlation_loss,
+                                     random_ffd, stage_smoothness, uniform_scaling_init_)
 from regbench.blocks.losses import invertibility_loss
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method

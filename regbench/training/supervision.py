@@ -241,10 +241,12 @@ def compute_supervision(prepared, out_dir, settings: dict[str, Any], n_pairs: in
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    parser = argparse.ArgumentParser(prog="python -m regbench.training.supervision", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m regbench.training.supervision",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", required=True, help="the prepared dataset folder")
     parser.add_argument("--out", required=True, help="the output folder (results/<dataset>/syn_supervision)")
-    parser.add_argument("--settings", required=True, help="job settings JSON of method syn (regbench.workflow.config.job_settings)")
+    parser.add_argument("--settings", required=True,
+                        help="job settings JSON of method syn (regbench.workflow.config.job_settings)")
     parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="number of ordered training pairs (<= 0: all)")
     parser.add_argument("--workers", type=int, default=1, help="processes (cores); each runs ANTs with the recipe's threads")
     args = parser.parse_args(argv)
