@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from regbench.evaluation import aggregate
 from regbench.data.prepared import PreparedDataset, training_batch
 from regbench.dataset import write_prepared
+from regbench.evaluation import aggregate
 from regbench.evaluation.scoring import evaluate_method
 from regbench.io import save_nifti
 from regbench.method import RegistrationMethod

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench.blocks.affine import affine_displacement, compose_affine
-from regbench.method import TrainingStage
 from regbench.blocks.networks import ConvBlock, UNet, conv, flow_head
 from regbench.blocks.spatial import compose_displacements, warp
+from regbench.method import TrainingStage
 
 __all__ = [
     "VTNEncoder",

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from regbench import learn2reg
-from regbench.evaluation import metrics
 from regbench.data.prepared import PreparedDataset
+from regbench.evaluation import metrics
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import autocast, training_precision

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench.report import plots, style
 from regbench.io import InputError, read_json, write_json
+from regbench.report import plots, style
 
 log = logging.getLogger("regbench")
 
@@ -122,10 +122,10 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     import torch
 
     from regbench import plugins
-    from regbench.evaluation import metrics
-    from regbench.data.prepared import PreparedDataset
-    from regbench.runtime import configure_threads, select_device
     from regbench.blocks.spatial import warp
+    from regbench.data.prepared import PreparedDataset
+    from regbench.evaluation import metrics
+    from regbench.runtime import configure_threads, select_device
     from regbench.training.loop import load_trained
 
     settings = settings or {}

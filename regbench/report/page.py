@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench.report import figures, plots, style
 from regbench.evaluation import aggregate
-from regbench.io import InputError, read_json, write_text
 from regbench.evaluation.stats import ALPHA, HIGHER_IS_BETTER
+from regbench.io import InputError, read_json, write_text
+from regbench.report import figures, plots, style
 
 #: Published results (spec/evaluation.md): dataset id, regbench method id (None: a method regbench does not
 #: have), the name the source uses, Dice, other metrics, source. Learn2Reg's OASIS test pairs are
