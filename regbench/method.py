@@ -10,6 +10,12 @@ paper's budget, for GPUs; ``"quick"``: what the default CPU run uses) and implem
 - ``register(net, fixed, moving, recipe)``: the displacement ``B x ndim x *spatial`` (voxels, on the
   fixed grid, ``warped(x) = moving(x + u(x))``).
 
+A method whose paper runs its network on a particular grid (a cube, a spacing) returns it from
+``working_grid(ndim, recipe)``: the workflow then trains it on pairs resampled onto that grid and brings each
+displacement back to the dataset's grid (:mod:`regbench.geometry`); ``register`` and ``loss_terms`` see the
+working grid only. Where a file departs from its paper or the official code, it says so in ``deviations``
+(:class:`Deviation`), which the leaderboard and the report show beside its row.
+
 A method that does not learn (identity, classical tools) sets ``trainable = False`` and receives
 ``net=None``.
 
@@ -26,6 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from regbench.geometry import GridAdapter, WorkingGrid
 
 #: Recipe keys the training loop itself reads; every other key belongs to the method.
 TRAINING_KEYS = {
@@ -53,6 +61,20 @@ class TrainingStage(NamedTuple):
     lr_decay: tuple | None = None
 
 
+class Deviation(NamedTuple):
+    """One way a method file departs from its paper or the paper's official code.
+
+    ``recipes``: the recipes that run with it (a quick-only simplification lists ``("quick",)``; an option that
+    is off by default lists none). ``changes_results``: False for a difference of form that leaves the numbers
+    the paper's (a normalisation folded into a weight, say); True where a row's numbers can differ because of it.
+    """
+
+    what: str
+    why: str
+    recipes: tuple[str, ...] = ("paper", "quick")
+    changes_results: bool = True
+
+
 class RegistrationMethod:
     """Base class of every method plugin (see the module docstring for the contract)."""
 
@@ -71,6 +93,13 @@ class RegistrationMethod:
     allows_mixed_precision: bool = False
     #: ``{"paper": {...}, "quick": {...}}``; each a flat dict of hyper-parameters.
     recipes: dict[str, dict[str, Any]] = {}
+    #: Where this file departs from the paper and its official code (what, why, which recipes, whether it can
+    #: change results); empty for a method that is its paper, or has none.
+    deviations: tuple[Deviation, ...] = ()
+
+    def departures(self, recipe_name: str) -> list[Deviation]:
+        """The deviations that the recipe ``recipe_name`` runs with and that can change its results."""
+        return [d for d in self.deviations if recipe_name in d.recipes and d.changes_results]
 
     def recipe(self, which: str = "quick", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The named recipe with ``overrides`` applied; an unknown key or recipe is an error."""
@@ -91,6 +120,20 @@ class RegistrationMethod:
                 )
             resolved[key] = value
         return resolved
+
+    def working_grid(self, ndim: int, recipe: dict[str, Any]) -> WorkingGrid | None:
+        """The grid the paper's network runs on; None (the default): the dataset's own grid."""
+        return None
+
+    def grid_adapter(self, shape, spacing, recipe: dict[str, Any]) -> GridAdapter:
+        """Resampling between a dataset's grid (``shape``, ``spacing`` in mm) and :meth:`working_grid`."""
+        return GridAdapter(shape, spacing, self.working_grid(len(shape), recipe))
+
+    def register_on_dataset_grid(self, net: nn.Module | None, fixed: torch.Tensor, moving: torch.Tensor,
+                                 recipe: dict[str, Any], adapter: GridAdapter) -> torch.Tensor:
+        """:meth:`register` on the working grid, its displacement brought back to the dataset's grid."""
+        u = self.register(net, adapter.image(fixed), adapter.image(moving), recipe)
+        return adapter.displacement_to_dataset(u)
 
     def build(self, ndim: int, recipe: dict[str, Any]) -> nn.Module | None:
         if self.trainable:

@@ -36,22 +36,30 @@ def identity_dice(pairs) -> float:
     return float(np.mean([mean_dice(b["fixed_seg"], b["moving_seg"], b["labels"]) for b in pairs]))
 
 
-def registered_dice(method, net, recipe, pairs, register=None) -> float:
-    """Mean Dice of the moving labels warped by ``method.register`` (or ``register(net, batch)``)."""
+def registered_dice(method, net, recipe, pairs, register=None, adapter=None) -> float:
+    """Mean Dice of the moving labels warped by ``method.register`` (or ``register(net, batch)``); with a
+    ``GridAdapter``, registered on the method's working grid and scored on the dataset's, as the workflow does."""
     dice = []
     for batch in pairs:
         with torch.no_grad():
-            u = register(net, batch) if register else method.register(net, batch["fixed"], batch["moving"], recipe)
+            if register:
+                u = register(net, batch)
+            elif adapter is not None:
+                u = method.register_on_dataset_grid(net, batch["fixed"], batch["moving"], recipe, adapter)
+            else:
+                u = method.register(net, batch["fixed"], batch["moving"], recipe)
         dice.append(mean_dice(batch["fixed_seg"], warp_labels(batch["moving_seg"], u), batch["labels"]))
     return float(np.mean(dice))
 
 
-def loss_and_dice(method, net, recipe, pairs, register=None) -> tuple[float, float]:
-    """(mean weighted training loss, mean registered Dice) over ``pairs``, the network in eval mode."""
+def loss_and_dice(method, net, recipe, pairs, register=None, adapter=None) -> tuple[float, float]:
+    """(mean weighted training loss, mean registered Dice) over ``pairs``, the network in eval mode; with a
+    ``GridAdapter``, the loss on the working grid, as training computes it."""
     net.eval()
     with torch.no_grad():
-        loss = [sum(w * float(v) for w, v in method.loss_terms(net, batch, recipe).values()) for batch in pairs]
-    return float(np.mean(loss)), registered_dice(method, net, recipe, pairs, register)
+        loss = [sum(w * float(v) for w, v in method.loss_terms(net, adapter.batch(batch) if adapter else batch,
+                                                                recipe).values()) for batch in pairs]
+    return float(np.mean(loss)), registered_dice(method, net, recipe, pairs, register, adapter)
 
 
 @dataclass
@@ -70,10 +78,12 @@ class ShortTraining:
 def short_training(method, recipe, dataset, out_dir, contrast: str | None = None) -> ShortTraining:
     """Score an untrained network (seed 0) on the test pairs, train ``recipe`` (seed 0), score it again."""
     pairs = test_pairs(dataset, contrast)
+    adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)  # the identity without a working grid
     torch.manual_seed(0)
-    untrained_loss, untrained_dice = loss_and_dice(method, method.build(dataset.ndim, recipe), recipe, pairs)
+    untrained_loss, untrained_dice = loss_and_dice(method, method.build(dataset.ndim, recipe), recipe, pairs,
+                                                   adapter=adapter)
     summary = train(method, recipe, dataset, out_dir, seed=0)
     net, saved_recipe = load_trained(method, Path(out_dir) / "model.pt")
-    trained_loss, trained_dice = loss_and_dice(method, net, recipe, pairs)
+    trained_loss, trained_dice = loss_and_dice(method, net, recipe, pairs, adapter=adapter)
     return ShortTraining(net, saved_recipe, summary, pairs, identity_dice(pairs), untrained_loss, untrained_dice,
                          trained_loss, trained_dice)

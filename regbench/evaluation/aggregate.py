@@ -62,6 +62,7 @@ def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> tuple[pd
             row["label_warp"] = "+".join(sorted(set(table["label_warp"])))
         row.update(_training_facts(dataset_dir / method_id))
         row["moving_contrast"] = _moving_contrast(dataset_dir / method_id)
+        row.update(_paper_fidelity(dataset_dir / method_id))
         rows.append(row)
     reference = next(iter(pair_sets.values()))
     for method_id, pairs in pair_sets.items():
@@ -102,6 +103,15 @@ def _moving_contrast(method_dir: Path) -> str:
     if (method_dir / "eval.json").exists():
         return str(read_json(method_dir / "eval.json").get("moving_contrast", "image"))
     return "image"
+
+
+def _paper_fidelity(method_dir: Path) -> dict:
+    """The recipe the row ran, how many of the method's deviations from its paper it runs with that can change
+    results (regbench.method.Deviation), and the grid its network ran on (regbench.geometry)."""
+    record = read_json(method_dir / "eval.json") if (method_dir / "eval.json").exists() else {}
+    return {"recipe": record.get("recipe_name") or "",
+            "deviations": sum(bool(d.get("applies")) for d in record.get("deviations", [])),
+            "working_grid": record.get("working_grid", "dataset")}
 
 
 def method_label(row) -> str:
@@ -146,8 +156,15 @@ def markdown_table(board: pd.DataFrame) -> str:
             tied = name in best and fmt.format(mean) == fmt.format(best[name])  # the best, as printed
             cells.append(f"**{text}**" if tied else text)
         mark = " ◆" if row.get("dice_not_worse") in (True, "True") else ""
+        mark += " †" if _departs(row) else ""
         lines.append(f"| {method_label(row)}{mark} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
     return "\n".join(lines)
+
+
+def _departs(row) -> bool:
+    """The row runs with a deviation from its paper that can change results (leaderboard column deviations)."""
+    count = row.get("deviations", 0)
+    return bool(pd.notna(count) and count > 0)
 
 
 def write_markdown(results_dir, dataset_ids: list[str]) -> str:
@@ -159,7 +176,9 @@ def write_markdown(results_dir, dataset_ids: list[str]) -> str:
         if failed:
             parts += ["Failed (not ranked): " + "; ".join(f"**{m}** ({why})" for m, why in failed.items()), ""]
     parts.append("Mean ± standard deviation over the test pairs; bold: the best value of each column; ◆: the best "
-                 "mean Dice or not significantly worse than it (paired Wilcoxon signed-rank, Holm-corrected, p < 0.05). "
+                 "mean Dice or not significantly worse than it (paired Wilcoxon signed-rank, Holm-corrected, p < 0.05); "
+                 "†: the row's recipe departs from its paper in a way that can change results (the method file's "
+                 "deviations; the report lists them). "
                  "Definitions: spec/evaluation.md (Dice over the dataset's labels, HD95 in mm, folds: % of voxels with "
                  "det(Jacobian) <= 0, EPE: end-point error against the known displacement, in voxels).")
     text = "\n".join(parts) + "\n"

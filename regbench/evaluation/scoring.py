@@ -28,13 +28,16 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
                     *, net: torch.nn.Module | None = None, device: torch.device = torch.device("cpu"),
                     runtime_repeats: int = 3, label_warp: str = "nearest", split: str = "test",
                     provenance: dict | None = None, progress: bool = False,
-                    export_dir=None, mixed_precision: bool = False) -> pd.DataFrame:
+                    export_dir=None, mixed_precision: bool = False, recipe_name: str | None = None) -> pd.DataFrame:
     """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``.
 
     A method with ``precomputed = True`` (``external``) supplies each pair's displacement from files
     (``load_displacement``); its runtime and memory are unknown (NaN). With ``export_dir``, every
     displacement is also written there in Learn2Reg's format. ``mixed_precision`` registers under
-    autocast on CUDA for methods that allow it (eval.json says which precision was used).
+    autocast on CUDA for methods that allow it (eval.json says which precision was used). A method with a
+    working grid (``RegistrationMethod.working_grid``) registers each pair resampled onto it, and its
+    displacement is scored on the dataset's grid; eval.json records the grid, and the method's deviations from
+    its paper with whether the recipe ``recipe_name`` runs with each.
     """
     out_dir = Path(out_dir)
     precision = training_precision(device, mixed_precision, method.allows_mixed_precision)
@@ -43,6 +46,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
         raise ValueError(f"{dataset.root / 'pairs.csv'}: no {split} pairs")
     names = dict(zip(dataset.labels["label"], dataset.labels["name"]))
     contrast = dataset.moving_contrast(method)  # e.g. "t2": the moving subject's T2 against the fixed T1
+    adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)  # the paper's grid, where it has one
     pair_rows, label_rows = [], []
     iterator = pairs.itertuples(index=False)
     if progress:
@@ -57,9 +61,9 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
             batch = dataset.pair(pair.fixed, pair.moving, contrast)
             fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
 
-            def call():
+            def call():  # resampling onto the method's working grid and back is part of the registration
                 with torch.no_grad(), autocast(device, precision):
-                    return method.register(net, fixed, moving, recipe)
+                    return method.register_on_dataset_grid(net, fixed, moving, recipe, adapter)
 
             displacement, runtime_s, peak_mem_mb = measure(call, device, runtime_repeats)
             u = displacement[0].detach().float().cpu().double().numpy()
@@ -84,11 +88,19 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     write_json(out_dir / "eval.json", {
         "method": method.name, "dataset": dataset.name, "split": split, "n_pairs": len(table),
         "label_warp": label_warp, "runtime_repeats": runtime_repeats, "device": str(device),
-        "precision": precision, "moving_contrast": contrast or "image",
+        "precision": precision, "moving_contrast": contrast or "image", **adapter.record(),
         "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,
+        "recipe_name": recipe_name, "deviations": deviation_records(method, recipe_name),
         "provenance": provenance or {},
     })
     return table
+
+
+def deviation_records(method: RegistrationMethod, recipe_name: str | None) -> list[dict]:
+    """The method's deviations as JSON records; ``applies``: the recipe runs with it and it can change results."""
+    applying = method.departures(recipe_name) if recipe_name else []
+    return [{"what": d.what, "why": d.why, "recipes": list(d.recipes), "changes_results": d.changes_results,
+             "applies": d in applying} for d in method.deviations]
 
 
 def measure(call: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float]:

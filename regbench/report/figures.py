@@ -154,8 +154,10 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
             if method.trainable:
                 net, recipe = load_trained(method, method_dir / "model.pt", device)
             moving = dataset.pair(fixed_id, moving_id, dataset.moving_contrast(method))["moving"]  # its contrast
+            adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)
             with torch.no_grad():
-                displacement = method.register(net, batch["fixed"].to(device), moving.to(device), recipe)
+                displacement = method.register_on_dataset_grid(net, batch["fixed"].to(device), moving.to(device),
+                                                               recipe, adapter)
             u = displacement[0].detach().float().cpu().double().numpy()
         scores, _ = metrics.pair_metrics(dataset.seg(fixed_id), dataset.seg(moving_id), u, dataset.label_values,
                                          dataset.spacing, label_warp=evaluation.get("label_warp", "nearest"))

@@ -202,7 +202,7 @@ class DatasetSection:
             method = row["method"]
             color = _hex(self.colors.get(method, (0, 0, 0)))
             cells = [f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
-                     f"{html.escape(aggregate.method_label(row))}</th>"]
+                     f"{html.escape(aggregate.method_label(row))}{self.departure_mark(method)}</th>"]
             for name, _, group, fmt, _ in columns:
                 cells.append(self._cell(row, name, group, fmt, *marks[name]))
             cells += [f"<td class='num'>{_count(row.get('parameters'))}</td>",
@@ -221,11 +221,12 @@ class DatasetSection:
                 f"signed-rank test over the same pairs, Holm-corrected within the metric, p ≥ {ALPHA}; hover a "
                 f"cell for its p-value). Units and definitions: spec/evaluation.md. L2R rank: Learn2Reg's "
                 f"overall rank (DSC, DSC30, HD95, SDlogJ, runtime). Device: where the method was trained"
-                f" and registered.</p>")
+                f" and registered. †: the row's recipe departs from its paper in a way that can change results "
+                f"(hover it, or see below).</p>")
         table = (f"<div class='table-wrap'><table class='leaderboard'><thead>{head}</thead>"
                  f"<tbody>{''.join(body)}</tbody></table></div>")
         title = f"<h3>{html.escape(heading)}</h3>" if heading else ""
-        return title + table + note + self.published_html()
+        return title + table + note + self.deviations_html() + self.published_html()
 
     def _cell(self, row, name, group, fmt, best, p_values) -> str:
         key = name if name == "dsc30" else f"{name}_mean"
@@ -266,6 +267,46 @@ class DatasetSection:
         if train and register and train != register:
             return f"train: {train}; register: {register}"
         return train or register or "–"
+
+    def deviations(self, method: str) -> list[dict]:
+        return self.records.get(method, {}).get("eval", {}).get("deviations", [])
+
+    def departure_mark(self, method: str) -> str:
+        """† with the deviations this row runs with as its tooltip; nothing for a row that is its paper."""
+        applying = [d for d in self.deviations(method) if d.get("applies")]
+        if not applying:
+            return ""
+        title = "; ".join(d["what"] for d in applying)
+        return f"<span class='dev' title='{html.escape(title)}'>†</span>"
+
+    def deviations_html(self) -> str:
+        """Every method's deviations from its paper and official code (what, why, which recipes), per row."""
+        blocks = []
+        for _, row in self.board.iterrows():
+            method = row["method"]
+            entries = self.deviations(method)
+            grid = self.records.get(method, {}).get("eval", {}).get("working_grid", "dataset")
+            if not entries and grid == "dataset":
+                continue
+            recipe = self.records.get(method, {}).get("eval", {}).get("recipe_name") or "?"
+            items = "".join(
+                f"<li class='{'applies' if d.get('applies') else 'other'}'><b>{html.escape(d['what'])}</b>: "
+                f"{html.escape(d['why'])} <span class='s'>({html.escape(_recipes_text(d))}"
+                f"{'' if d.get('changes_results', True) else '; leaves the results unchanged'})</span></li>"
+                for d in entries)
+            grid_text = "" if grid == "dataset" else (
+                f"<li class='other'>network run on its paper's grid, {html.escape(str(grid))} voxels of "
+                f"{html.escape(_spacing_text(self.records[method]['eval'].get('working_spacing_mm')))}, "
+                f"resampled in and its displacement brought back to this dataset's grid</li>")
+            blocks.append(f"<h4>{html.escape(aggregate.method_label(row))} <span class='s'>(recipe "
+                          f"{html.escape(recipe)})</span></h4><ul>{grid_text}{items}</ul>")
+        if not blocks:
+            return ""
+        return ("<details class='deviations'><summary>Where the rows differ from their papers</summary>"
+                "<p class='note'>Each method file lists where it departs from its paper and official code. "
+                "Bold entries marked in the table (†) are those the row's recipe runs with and that can change "
+                "its results; the others apply to another recipe or leave the numbers unchanged.</p>"
+                + "".join(blocks) + "</details>")
 
     def published_html(self) -> str:
         entries = self.published()
@@ -419,8 +460,14 @@ tbody tr:hover td.best{background:var(--best)}
 .note{color:var(--muted);font-size:.82rem;max-width:70rem}
 table.plain th{text-align:left}
 table.plain td,table.plain th{border-bottom:1px solid var(--line)}
-details.published{margin:.6rem 0 0}
-details.published summary{cursor:pointer;color:var(--accent);font-weight:600;font-size:.9rem}
+details.published,details.deviations{margin:.6rem 0 0}
+details.published summary,details.deviations summary{cursor:pointer;color:var(--accent);font-weight:600;
+font-size:.9rem}
+details.deviations h4{margin:.8rem 0 .2rem;font-size:.9rem}
+details.deviations ul{margin:.2rem 0;padding-left:1.2rem;font-size:.85rem;max-width:70rem}
+details.deviations li.other{color:var(--muted)}
+details.deviations li.other b{font-weight:500}
+.dev{color:#b35900;margin-left:.2rem;cursor:help}
 figure{margin:1.2rem 0 2rem}
 figure img{max-width:100%;height:auto;display:block;border:1px solid var(--line);border-radius:4px}
 figcaption{color:var(--muted);font-size:.85rem;margin-top:.4rem;max-width:70rem}
@@ -438,6 +485,15 @@ def _page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def _recipes_text(deviation: dict) -> str:
+    recipes = deviation.get("recipes", [])
+    return ("recipes: " + ", ".join(recipes)) if recipes else "an option, off in both recipes"
+
+
+def _spacing_text(spacing) -> str:
+    return "x".join(f"{s:.3g}" for s in spacing) + " mm" if spacing else "? mm"
 
 
 def _hex(color) -> str:

@@ -38,7 +38,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
 
     train.json records the wall-clock training time and the median time per optimiser step (both
     synchronised with the GPU), the peak memory (:func:`regbench.runtime.peak_memory_mb`) and the
-    precision used (``mixed_precision`` applies on CUDA to methods that allow it).
+    precision used (``mixed_precision`` applies on CUDA to methods that allow it). A method with a working grid
+    (``RegistrationMethod.working_grid``) trains on batches resampled onto it; train.json records the grid.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     seed_everything(seed)
     reset_peak_memory(device)
     net = method.build(dataset.ndim, recipe).to(device)
+    adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)  # the paper's grid, where it has one
     stages = method.training_stages(net, recipe)
     next_batch = training_batches(method, dataset, out_dir, recipe)  # with a classical tool's fields if needed
     ends = list(itertools.accumulate(stage.iterations for stage in stages))
@@ -100,7 +102,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
             optimiser = begin(current)
         step_in_stage = iteration - (ends[current] - stages[current].iterations)
         _set_learning_rate(optimiser, stages[current], recipe, step_in_stage)
-        batch = {k: v.to(device) for k, v in next_batch(iteration, int(recipe["batch_size"]), seed).items()}
+        batch = next_batch(iteration, int(recipe["batch_size"]), seed)
+        batch = adapter.batch({k: v.to(device) for k, v in batch.items()})
         with autocast(device, precision):
             terms = method.loss_terms(net, batch, recipe)
             total = sum(weight * value.float() for weight, value in terms.values())
@@ -137,7 +140,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         "resumed_from": start,  # 0, or the iteration of the checkpoint this run went on from
         "step_time_s": statistics.median(step_times) if step_times else math.nan,
         "peak_mem_mb": peak_memory_mb(device), "precision": precision,
-        "parameters": parameter_count(net), "device": str(device), "seed": seed, "recipe": recipe,
+        "parameters": parameter_count(net), "device": str(device), "seed": seed, "recipe": recipe, **adapter.record(),
         "final_loss": log_rows[-1]["loss"] if log_rows else math.nan,
         "provenance": provenance or {},
     }

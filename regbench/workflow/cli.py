@@ -103,7 +103,8 @@ def _register(args, settings, method, recipe, dataset, net, device):
                             label_warp=settings["evaluation"]["label_warp"],
                             provenance=provenance(settings, device), progress=True,
                             export_dir=Path(args.out) / "displacements" if settings["evaluation"].get("export_displacements") else None,
-                            mixed_precision=settings.get("mixed_precision", False))
+                            mixed_precision=settings.get("mixed_precision", False),
+                            recipe_name=settings.get("recipe_name"))
 
 
 def record_failure(out: Path, method_id: str, step: str, error, evaluation: bool = False) -> None:
@@ -229,7 +230,10 @@ def cmd_list(args) -> None:
     if args.what == "methods":
         for method_id in plugins.method_ids():
             method = plugins.load_method(method_id)
-            print(f"{method_id:20s} {'trained' if method.trainable else 'no training':12s} {method.citation.splitlines()[0] if method.citation else ''}")
+            paper = sum("paper" in d.recipes and d.changes_results for d in method.deviations)
+            deviations = f"{len(method.deviations)} deviations ({paper} in the paper recipe)"
+            citation = method.citation.splitlines()[0] if method.citation else ""
+            print(f"{method_id:20s} {'trained' if method.trainable else 'no training':12s} {deviations:34s} {citation}")
     else:
         for dataset_id in plugins.dataset_ids():
             print(f"{dataset_id:20s} {plugins.load_dataset(dataset_id).description}")
