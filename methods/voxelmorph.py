@@ -9,21 +9,14 @@ al. (MICCAI 2018, MedIA 2019) made it diffeomorphic: the network output, halved 
 stationary velocity field integrated by scaling and squaring (7 steps), and the regulariser acts on
 that velocity.
 
-Choices where the papers and the code differ (see spec/methods/voxelmorph.md):
-
-- Downsampling is a recipe key. Both recipes use ``"strided"``, the papers' network (stride-2 convs;
-  decoder [32], [32], [32], [32, 32] up to half resolution, then [16, 16] after concatenating the input);
-  ``"maxpool"`` gives voxelmorph's PyTorch ``VxmDense`` layer for layer (same parameter count).
-  Convolutions keep PyTorch's default initialisation (voxelmorph's PyTorch code does too; the Keras
-  original used He-normal).
-- The diffeomorphic variant follows voxelmorph's current code (``int_steps=7``, ``int_downsize=2``, the
-  regulariser on the half-resolution velocity times ``int_downsize``), not the MICCAI probabilistic
-  network (no sigma head, no KL term). Resizing rescales vectors by (S_new - 1) / (S_old - 1), the
-  factor that is exact for corner-aligned grids (voxelmorph multiplies by 1/2 and 2); the
-  integration continues the field at the border where voxelmorph pads with zeros (regbench.blocks.spatial).
-- With ``bidir`` the fixed image is also warped to the moving one, by exp(-v) (diffeomorphic) or by
-  -u (voxelmorph's first-order inverse otherwise), each similarity weighted 0.5.
-- The Dice term warps the one-hot moving segmentation linearly, over the dataset's evaluation labels.
+The regulariser weight follows the similarity as in the papers and the README of the code: lambda = 1 with
+NCC, 0.01 with MSE (0.02 with MSE and the Dice term, TMI's auxiliary-data setting), unless the config sets
+``smoothness_weight``. Downsampling is a recipe key: both recipes use ``"strided"``, the papers' network
+(stride-2 convs; decoder [32], [32], [32], [32, 32] up to half resolution, then [16, 16] after concatenating
+the input); ``"maxpool"`` gives voxelmorph's PyTorch ``VxmDense`` layer for layer (same parameter count). With
+``bidir`` the fixed image is also warped to the moving one, by exp(-v) (diffeomorphic) or by -u, each similarity
+weighted 0.5. Where this file departs from the papers and the code: ``Method.deviations``
+(spec/methods/voxelmorph.md).
 """
 from __future__ import annotations
 
@@ -32,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from regbench import RegistrationMethod
+from regbench import Deviation, RegistrationMethod
 from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
 from regbench.blocks.networks import UNet, flow_head
 from regbench.blocks.spatial import integrate_velocity, resize_displacement, warp
@@ -57,6 +50,10 @@ _COMMON = {
     "checkpoint_every": 1000,
 }
 
+#: lambda of the papers per similarity (TMI 2019; README of the code), and with the Dice term (TMI, MSE: 0.02)
+PAPER_SMOOTHNESS = {"ncc": 1.0, "mse": 0.01}
+PAPER_SMOOTHNESS_WITH_DICE = {"ncc": 1.0, "mse": 0.02}
+
 
 class Method(RegistrationMethod):
     name = "voxelmorph"
@@ -70,7 +67,7 @@ class Method(RegistrationMethod):
         # Adam 1e-4, one pair a step, 150k iterations.
         "paper": {
             **_COMMON,
-            "smoothness_weight": 1.0,     # lambda
+            "smoothness_weight": None,    # lambda; None: the paper's for the similarity (PAPER_SMOOTHNESS)
             "dice_weight": 0.0,           # gamma; 0 = unsupervised (TMI's auxiliary variant: 0.01)
             "iterations": 150_000,
             "batch_size": 1,
@@ -82,7 +79,7 @@ class Method(RegistrationMethod):
         # mean test Dice 0.60 unregistered -> 0.70 after 600 steps, 0.76 after 1000, 0.79 after 1500.
         "quick": {
             **_COMMON,
-            "smoothness_weight": 1.0,
+            "smoothness_weight": None,
             "dice_weight": 0.0,
             "iterations": 1500,
             "batch_size": 1,
@@ -91,6 +88,41 @@ class Method(RegistrationMethod):
             "checkpoint_every": 500,
         },
     }
+
+    deviations = (
+        Deviation("Convolutions keep PyTorch's default initialisation",
+                  "voxelmorph's PyTorch code does the same; the Keras original of the papers used He-normal."),
+        Deviation("The diffeomorphic variant is voxelmorph's current code, not the MICCAI 2018 probabilistic "
+                  "network", "No sigma head and no KL term: the velocity is the network's output, integrated in 7 "
+                  "steps at half resolution, regularised by Grad times int_downsize, as the current code.",
+                  recipes=()),
+        Deviation("Resized fields are rescaled by (S_new - 1) / (S_old - 1); integration continues the field at "
+                  "the border", "The factor that is exact for corner-aligned grids (voxelmorph multiplies by 1/2 "
+                  "and 2) and a displacement continued rather than set to zero outside the grid (voxelmorph pads "
+                  "with zeros); only the diffeomorphic option uses either.", recipes=()),
+        Deviation("Without integration the smoothness is not multiplied by int_downsize",
+                  "voxelmorph's PyTorch training script multiplies Grad by int_downsize (2) whatever the "
+                  "integration, which doubles lambda for the non-diffeomorphic network; the papers' lambda "
+                  "(TMI 2019, and the Keras code) is kept, and the factor applies to the half-resolution "
+                  "velocity only. The row follows the paper; the PyTorch script would regularise twice as much.",
+                  recipes=("paper", "quick"), changes_results=False),
+        Deviation("The Dice term warps one-hot labels linearly over the dataset's evaluation labels",
+                  "TMI's auxiliary-data variant used coarse label groups; it is off (dice_weight 0) in both "
+                  "recipes.", recipes=()),
+    )
+
+    def complete_recipe(self, recipe: dict) -> dict:
+        """lambda follows the similarity unless the config sets it (1 for NCC, 0.01 for MSE; 0.02 for MSE with
+        the Dice term)."""
+        if recipe["smoothness_weight"] is None:
+            table = PAPER_SMOOTHNESS_WITH_DICE if recipe["dice_weight"] > 0 else PAPER_SMOOTHNESS
+            if recipe["similarity"] not in table:
+                raise ValueError(f"voxelmorph: similarity must be 'ncc' or 'mse', got {recipe['similarity']!r}")
+            recipe = {**recipe, "smoothness_weight": table[recipe["similarity"]]}
+        elif isinstance(recipe["smoothness_weight"], bool) or not isinstance(recipe["smoothness_weight"], (int, float)):
+            raise ValueError(f"method 'voxelmorph': recipe key 'smoothness_weight' must be a number, "
+                             f"got {recipe['smoothness_weight']!r}")
+        return recipe
 
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         encoder, decoder = _features(recipe)

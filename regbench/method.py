@@ -64,9 +64,11 @@ class TrainingStage(NamedTuple):
 class Deviation(NamedTuple):
     """One way a method file departs from its paper or the paper's official code.
 
-    ``recipes``: the recipes that run with it (a quick-only simplification lists ``("quick",)``; an option that
-    is off by default lists none). ``changes_results``: False for a difference of form that leaves the numbers
-    the paper's (a normalisation folded into a weight, say); True where a row's numbers can differ because of it.
+    ``recipes``: the recipes that run with it (a quick-only change of the method lists ``("quick",)``; an option
+    that is off by default lists none; a quick recipe's ordinary scaling, a smaller network or budget, is in its
+    recipe, not here). ``changes_results``: True where a row's numbers can differ from the paper's method because
+    of it; False for a difference of form (a normalisation folded into a weight) or where the file follows the
+    paper against its code.
     """
 
     what: str
@@ -102,7 +104,8 @@ class RegistrationMethod:
         return [d for d in self.deviations if recipe_name in d.recipes and d.changes_results]
 
     def recipe(self, which: str = "quick", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The named recipe with ``overrides`` applied; an unknown key or recipe is an error."""
+        """The named recipe with ``overrides`` applied, then :meth:`complete_recipe`; an unknown key or recipe is
+        an error."""
         if which not in self.recipes:
             raise ValueError(f"method {self.name!r} has no recipe {which!r}; it has {sorted(self.recipes)}")
         resolved = copy.deepcopy(self.recipes[which])
@@ -119,7 +122,12 @@ class RegistrationMethod:
                     f"got {type(value).__name__} {value!r}"
                 )
             resolved[key] = value
-        return resolved
+        return self.complete_recipe(resolved)
+
+    def complete_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """Fill values a recipe leaves to others (None), once the overrides are in: VoxelMorph's regulariser
+        weight follows its similarity unless the config sets it. The default returns the recipe as it is."""
+        return recipe
 
     def working_grid(self, ndim: int, recipe: dict[str, Any]) -> WorkingGrid | None:
         """The grid the paper's network runs on; None (the default): the dataset's own grid."""

@@ -57,6 +57,20 @@ def test_recipes_hold_the_papers_numbers(voxelmorph):
     assert (paper["int_steps"], paper["int_downsize"], paper["diffeomorphic"], paper["bidir"]) == (7, 2, False, False)
 
 
+def test_the_regulariser_weight_follows_the_similarity_unless_the_config_sets_it(voxelmorph):
+    """TMI 2019 and the code's README: lambda = 1 with NCC, 0.01 with MSE (0.02 with MSE and the Dice term)."""
+    assert voxelmorph.recipe("paper", {"similarity": "mse"})["smoothness_weight"] == 0.01
+    assert voxelmorph.recipe("quick", {"similarity": "mse"})["smoothness_weight"] == 0.01
+    assert voxelmorph.recipe("paper", {"similarity": "mse", "dice_weight": 0.01})["smoothness_weight"] == 0.02
+    assert voxelmorph.recipe("paper", {"similarity": "ncc"})["smoothness_weight"] == 1.0
+    assert voxelmorph.recipe("paper", {"similarity": "mse", "smoothness_weight": 0.5})["smoothness_weight"] == 0.5
+    net, recipe = build(voxelmorph, 2, similarity="mse")
+    batch = {"fixed": torch.rand(1, 1, 32, 32), "moving": torch.rand(1, 1, 32, 32)}
+    assert voxelmorph.loss_terms(net, batch, recipe)["smoothness"][0] == 0.01   # the weight the loop applies
+    with pytest.raises(ValueError, match="smoothness_weight"):
+        voxelmorph.recipe("paper", {"smoothness_weight": "strong"})
+
+
 def test_flow_head_starts_near_zero():
     torch.manual_seed(0)
     head = flow_head(16, 3)
