@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from regbench import RegistrationMethod
-from regbench.blocks.ants import linear_stage, register_tensors, registration_options
+from regbench import Deviation, RegistrationMethod
+from regbench.blocks.ants import VOXEL_SPACE, linear_stage, register_tensors, registration_options
 
 _COMMON = {
     "initial_transform": "center_of_mass",  # --initial-moving-transform [fixed,moving,1]
@@ -50,6 +50,18 @@ class Method(RegistrationMethod):
                 "of ANTs similarity metric performance in brain image registration. NeuroImage 54(3):2033-2044, "
                 "2011. ANTs (antsRegistration) affine stage through antspyx.")
     trainable = False
+    deviations = (
+        VOXEL_SPACE,
+        Deviation("The paper recipe is antspyx's Affine registration, not a paper's own setting",
+                  "The papers' Affine rows are not ANTs runs (VoxelMorph: FreeSurfer's preprocessing; TransMorph's "
+                  "IXI: the pre-aligned data); antspyx's type_of_transform='Affine' is what later ANTs baselines "
+                  "ran.", recipes=("paper",)),
+        Deviation("Quick recipe: no histogram matching, sampling rate 0.25, no full-resolution iterations",
+                  "A 2D pair in about a tenth of a second; the metric and the transform are the paper recipe's.",
+                  recipes=("quick",)),
+        Deviation("One ITK thread and a fixed random seed", "Bit-identical reruns of the sampled metric.",
+                  changes_results=False),
+    )
     recipes = {
         "paper": {
             **_COMMON,

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import torch
 
-from regbench import RegistrationMethod
-from regbench.blocks.ants import linear_stage, register_tensors, registration_options, syn_stage
+from regbench import Deviation, RegistrationMethod
+from regbench.blocks.ants import VOXEL_SPACE, linear_stage, register_tensors, registration_options, syn_stage
 
 _LINEAR_OFF = {
     # an optional linear stage before SyN ("" = none; the data are affinely aligned). To add antspyx's
@@ -96,6 +96,18 @@ class Method(RegistrationMethod):
                 "with cross-correlation: evaluating automated labeling of elderly and neurodegenerative brain. "
                 "Medical Image Analysis 12(1):26-41, 2008. ANTs (antsRegistration) through antspyx.")
     trainable = False
+    deviations = (
+        VOXEL_SPACE,
+        Deviation("CC radius 4, smoothing sigmas 2x1x0 voxels and convergence 1e-6 over 10 iterations are ANTs' "
+                  "defaults", "VoxelMorph's baseline section states the step, the Gaussian parameters, the scales and "
+                  "the iterations only; the rest is what antsRegistrationSyN.sh and antspyx use.",
+                  recipes=("paper",)),
+        Deviation("Quick recipe: CC radius 2 and no iterations at full resolution",
+                  "A smaller similarity window and a field upsampled from half resolution, so that a 2D pair takes "
+                  "well under a second on a CPU; the regularisation is the paper's.", recipes=("quick",)),
+        Deviation("One ITK thread and a fixed random seed", "Bit-identical reruns; ANTs' result does not depend "
+                  "on the thread count beyond floating-point order.", changes_results=False),
+    )
     recipes = {
         "paper": {
             **_COMMON,

@@ -43,6 +43,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from regbench.method import Deviation
+
 __all__ = [
     "Stage",
     "load_ants",
@@ -72,6 +74,14 @@ INITIAL_TRANSFORMS = {"identity": None, "center_of_mass": 1, "geometric_center":
 
 #: ITK threads when the first caller names none: one, the only count that reproduces sampled metrics
 DEFAULT_THREADS = 1
+
+#: What every ANTs-based method shares: the images are registered as arrays.
+VOXEL_SPACE = Deviation(
+    "Registered in voxel space (unit spacing, identity direction)",
+    "The plugin contract hands register() arrays, not their spacing; every parameter here is in voxels, so on an "
+    "isotropic grid this is ANTs' physical-space run, and on an anisotropic one (LPBA40) the smoothing and the CC "
+    "window are isotropic in voxels rather than in mm.")
+
 _threads_in_use: int | None = None
 
 
