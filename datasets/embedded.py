@@ -61,15 +61,16 @@ Splits and pairs
     ``(seed, template, split, index)``: changing ``n_train`` leaves val and test unchanged. pairs.csv lists val
     and test pairs only (training pairs are drawn by :func:`regbench.data.prepared.training_batch`): consecutive
     subjects within each template (``n - 1`` per template, ground truth known) and ``n`` cross-template pairs
-    (i-th fsaverage with i-th xhemi subject, which is fixed alternating). Defaults: 7 + 7 + 8 = 22 test pairs.
+    (i-th fsaverage with i-th xhemi subject, which is fixed alternating). Defaults: 7 + 7 + 8 = 22 test pairs,
+    4 + 4 + 5 = 13 val pairs (the split every choice is made on).
     Only val and test subjects store a ground-truth transform. Subject ids: ``<template>_<split>_<NN>``;
     files ``images/<id>.nii.gz`` and ``images_t2/<id>.nii.gz`` (float32), ``segs/<id>.nii.gz`` (int16),
     ``transforms/<id>.npz``.
 
 Defaults and what they give (seed 0, test pairs)
-    2D: 20 / 2 / 8 subjects per template, largest velocity 5 px, control spacing 16 px, rotation 2 degrees,
+    2D: 20 / 5 / 8 subjects per template, largest velocity 5 px, control spacing 16 px, rotation 2 degrees,
     scaling 2 %, translation 1.5 px: mean |true u| 3.8 px; unregistered mean Dice 0.61 within a template,
-    0.60 across; the true u brings it to 0.93 (nearest-neighbour labels resampled twice). 3D: 10 / 2 / 8
+    0.60 across; the true u brings it to 0.93 (nearest-neighbour labels resampled twice). 3D: 10 / 5 / 8
     subjects, the same in millimetres (2.5 voxels, 8 voxels, 0.75 voxel): unregistered Dice 0.59 / 0.58, 0.85
     with the true u. On disk: about 8 MB (2D) and 220 MB (3D, mostly the transforms).
     All randomness comes from numpy generators seeded as above, and torch runs on one thread while
@@ -127,7 +128,7 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 _COMMON_OPTIONS = {
     "seed": 0,
-    "n_val": 2,               # per template
+    "n_val": 5,               # per template: 4 + 4 + 5 = 13 val pairs, drawn like the test pairs
     "n_test": 8,              # per template
     "integration_steps": 7,   # scaling and squaring
     "rotation_degrees": 2.0,  # largest |angle| (each axis in 3D)

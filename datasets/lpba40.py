@@ -6,9 +6,10 @@ after a terms-of-use form, so it is a manual download: put the zip where :meth:`
 (or set ``base_url`` to a mirror you may use). Papers use other variants (RCN/VTN's preprocessed
 release, 160 x 192 x 160 crops, 54 labels): their numbers are not comparable with this one.
 
-Split: subjects S01-S30 for training, S31-S40 for testing (every ordered pair of test subjects,
-90 pairs) and no validation set: the 30/10 split of Mok and Chung (LapIRN, MICCAI 2020) on
-LPBA40. Intensities are scaled to [0, 1] by each brain's 99.9th percentile (clipped).
+Split: S31-S40 for testing (every ordered pair of test subjects, 90 pairs), the test subjects of the 30/10
+split of Mok and Chung (LapIRN, MICCAI 2020) on LPBA40; of their 30 training subjects, the last four (S27-S30)
+are the validation split (every ordered pair, 12 pairs), on which every choice is made, and S01-S26 train.
+Intensities are scaled to [0, 1] by each brain's 99.9th percentile (clipped).
 """
 from __future__ import annotations
 
@@ -47,11 +48,12 @@ LABELS = pd.DataFrame(
 class LPBA40(DatasetSource):
     name = "lpba40"
     ndim = 3
-    description = "LPBA40, LONI delineation space (native grid), 56 structures; S01-S30 train, S31-S40 test"
+    description = ("LPBA40, LONI delineation space (native grid), 56 structures; S01-S26 train, S27-S30 val, "
+                   "S31-S40 test")
     citation = ("D. W. Shattuck et al. Construction of a 3D probabilistic atlas of human cortical structures. "
                 "NeuroImage 39(3):1064-1080, 2008")
     license = "LONI LPBA40 terms of use (accepted at download; no redistribution)"
-    options = {"base_url": "", "sha256": "", "n_train": 30}
+    options = {"base_url": "", "sha256": "", "n_train": 26, "n_val": 4}  # the rest (10) test
 
     def download(self, raw_dir, options: dict[str, Any]) -> None:
         options = self.resolve_options(options)
@@ -77,7 +79,11 @@ class LPBA40(DatasetSource):
         if missing:
             raise InputError(f"{raw}: subjects {missing[:5]} missing from {ARCHIVE} "
                              f"(found {len(folders)} of 40 under */delineation_space/)")
-        n_train = int(options["n_train"])
+        n_train, n_val = int(options["n_train"]), int(options["n_val"])
+        if n_train < 2 or n_val < 0 or n_train + n_val > len(SUBJECTS) - 2:
+            raise ValueError(f"dataset 'lpba40': n_train {n_train} and n_val {n_val} must leave at least 2 of the "
+                             f"{len(SUBJECTS)} subjects for testing (and n_train >= 2)")
+        splits = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(SUBJECTS) - n_train - n_val)
         rows = []
         for index, subject in enumerate(SUBJECTS):  # one subject at a time
             folder = folders[subject]
@@ -96,11 +102,11 @@ class LPBA40(DatasetSource):
             image = np.clip(image / max(float(np.percentile(image, 99.9)), 1e-6), 0, 1).astype(np.float32)
             save_nifti(prepared_dir / "images" / f"{subject}.nii.gz", image, spacing)
             save_nifti(prepared_dir / "segs" / f"{subject}.nii.gz", seg.astype(np.int16), spacing)
-            rows.append({"subject": subject, "split": "train" if index < n_train else "test",
+            rows.append({"subject": subject, "split": splits[index],
                          "image": f"images/{subject}.nii.gz", "seg": f"segs/{subject}.nii.gz"})
-        test = SUBJECTS[n_train:]
-        pairs = pd.DataFrame([{"split": "test", "fixed": f, "moving": m} for f in test for m in test if f != m],
-                             columns=["split", "fixed", "moving"])
+        members = {split: [s for s, chosen in zip(SUBJECTS, splits) if chosen == split] for split in ("val", "test")}
+        pairs = pd.DataFrame([{"split": split, "fixed": f, "moving": m} for split, group in members.items()
+                              for f in group for m in group if f != m], columns=["split", "fixed", "moving"])
         record_checksum(Path(raw_dir) / ARCHIVE)
 
         from regbench.runtime import provenance

@@ -66,7 +66,7 @@ torch_threads: 1
 datasets:
   oasis: {{base_url: "{url}", expected_subjects: {len(OASIS_NUMBERS)}}}
   oasis2d: {{base_url: "{url}", expected_subjects: {len(OASIS_NUMBERS)}}}
-  lpba40: {{n_train: 37}}
+  lpba40: {{n_train: 33, n_val: 4}}
   ixi: {{base_url: "{url}", t1_checksum: "{t1_md5}", labels_dir: "{labels_dir}", shape: [40, 48, 40], spacing_mm: 4.0}}
 methods:
   identity: {{}}

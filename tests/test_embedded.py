@@ -61,7 +61,7 @@ def test_layout_2d(prepared2d):
     assert all(size % 16 == 0 for size in ds.shape)
     counts = ds.subjects.groupby(["template", "split"]).size()
     for template in ("fsaverage", "xhemi"):
-        assert (counts[template, "train"], counts[template, "val"], counts[template, "test"]) == (20, 2, 8)
+        assert (counts[template, "train"], counts[template, "val"], counts[template, "test"]) == (20, 5, 8)
     has_gt = ds.subjects["gt_transform"].notna()
     assert (has_gt == (ds.subjects["split"] != "train")).all()
     image = ds.image("xhemi_test_03")
@@ -92,7 +92,10 @@ def test_pairs(prepared2d):
     assert set(ds.pairs["split"]) == {"val", "test"}
     test = ds.split_pairs("test")
     assert len(test) >= 20 and len(test) == 7 + 7 + 8
-    assert len(ds.split_pairs("val")) == 1 + 1 + 2
+    val = ds.split_pairs("val")
+    assert len(val) >= 12 and len(val) == 4 + 4 + 5   # drawn like the test pairs: within and across templates
+    assert sum(ds.has_ground_truth(f, m) for f, m in zip(val["fixed"], val["moving"])) == 8
+    assert not set(val["fixed"]) & set(test["fixed"]) and not set(val["moving"]) & set(test["moving"])
     gt = [ds.has_ground_truth(f, m) for f, m in zip(test["fixed"], test["moving"])]
     assert sum(gt) == 14
     template = ds.subjects["template"]

@@ -12,10 +12,18 @@ from regbench.dataset import check_tables
 from regbench.io import InputError, check_same_grid, load_nifti, read_json
 
 
-class PreparedDataset:
-    """A prepared dataset folder: its tables, and its volumes loaded once and kept in memory."""
+#: What training and tuning may read: every choice is made on these, never on the test split.
+CHOOSING_SPLITS = ("train", "val")
 
-    def __init__(self, prepared_dir):
+
+class PreparedDataset:
+    """A prepared dataset folder: its tables, and its volumes loaded once and kept in memory.
+
+    ``splits`` limits what the object can serve: :meth:`without_test` (training, tuning) holds no test pair and
+    refuses to load a test subject, so that no choice can see the test split even by mistake.
+    """
+
+    def __init__(self, prepared_dir, splits: tuple[str, ...] | None = None):
         self.root = Path(prepared_dir)
         info_path = self.root / "dataset.json"
         if not info_path.exists():
@@ -26,8 +34,20 @@ class PreparedDataset:
         self.labels = _read_table(self.root / "labels.csv", ["label", "name"])
         self.pairs = _read_table(self.root / "pairs.csv", ["split", "fixed", "moving"])
         check_tables(self.root, subjects, self.labels, self.pairs)
+        self.splits = tuple(splits) if splits is not None else None
+        if self.splits is not None:
+            hidden = subjects[~subjects["split"].isin(self.splits)]
+            self.hidden = dict(zip(hidden["subject"].astype(str), hidden["split"].astype(str)))
+            subjects = subjects[subjects["split"].isin(self.splits)]
+            self.pairs = self.pairs[self.pairs["split"].isin(self.splits)].reset_index(drop=True)
+        else:
+            self.hidden = {}
         self.subjects = subjects.set_index("subject", drop=False)
         self.label_values = self.labels["label"].to_numpy(dtype=np.int64).copy()
+
+    def without_test(self) -> "PreparedDataset":
+        """The same folder, seen with its train and val splits only (:data:`CHOOSING_SPLITS`)."""
+        return PreparedDataset(self.root, CHOOSING_SPLITS)
 
     @property
     def name(self) -> str:
@@ -47,10 +67,22 @@ class PreparedDataset:
         return self.subjects.index[self.subjects["split"] == split].tolist()
 
     def split_pairs(self, split: str) -> pd.DataFrame:
+        self._check_split(split)
         return self.pairs[self.pairs["split"] == split].reset_index(drop=True)
+
+    def _check_split(self, split: str) -> None:
+        if self.splits is not None and split not in self.splits:
+            raise InputError(f"{self.root}: the {split} split is out of reach here (this view holds "
+                             f"{', '.join(self.splits)}: training and tuning never read the test split)")
+
+    def _check_subject(self, subject: str) -> None:
+        if subject in self.hidden:
+            raise InputError(f"{self.root / 'subjects.csv'}: subject {subject} is in the {self.hidden[subject]} "
+                             f"split, out of reach of training and tuning (this view holds {', '.join(self.splits)})")
 
     @functools.lru_cache(maxsize=None)
     def image(self, subject: str, contrast: str | None = None) -> np.ndarray:
+        self._check_subject(subject)
         column = "image" if contrast is None else f"image_{contrast}"
         array, _ = load_nifti(self.root / self.subjects.at[subject, column], kind="image", ndim=self.ndim)
         self._check_shape(subject, column, array)
@@ -59,6 +91,7 @@ class PreparedDataset:
 
     @functools.lru_cache(maxsize=None)
     def seg(self, subject: str) -> np.ndarray:
+        self._check_subject(subject)
         array, _ = load_nifti(self.root / self.subjects.at[subject, "seg"], kind="labels", ndim=self.ndim)
         self._check_shape(subject, "seg", array)
         return array
@@ -85,6 +118,7 @@ class PreparedDataset:
 
     @functools.lru_cache(maxsize=8)
     def _transform(self, subject: str) -> dict[str, np.ndarray]:
+        self._check_subject(subject)
         path = self.root / self.subjects.at[subject, "gt_transform"]
         try:
             with np.load(path) as npz:

@@ -168,7 +168,7 @@ def _init_worker(prepared: str, recipe: dict, threads: int) -> None:
     torch.set_num_threads(1)
     load_ants(threads)
     method = plugins.load_method(SUPERVISOR)
-    _worker_state.update(dataset=PreparedDataset(prepared), stages=method.stages(recipe),
+    _worker_state.update(dataset=PreparedDataset(prepared).without_test(), stages=method.stages(recipe),
                          options=registration_options(recipe))
 
 
@@ -194,7 +194,7 @@ def compute_supervision(prepared, out_dir, settings: dict[str, Any], n_pairs: in
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = PreparedDataset(prepared)
+    dataset = PreparedDataset(prepared).without_test()  # supervision is training: no test subject
     recipe = settings["recipe"]
     if settings.get("method", SUPERVISOR) != SUPERVISOR:
         raise ValueError(f"SyN supervision takes the settings of method {SUPERVISOR!r}, got {settings.get('method')!r}")

@@ -52,7 +52,7 @@ def cmd_train(args) -> None:
     settings = _settings(args.settings)
     device = _prepare_runtime(settings)
     method = plugins.load_method(settings["method"])
-    dataset = PreparedDataset(args.prepared)
+    dataset = PreparedDataset(args.prepared).without_test()  # no choice is made on the test split
     try:
         summary = train(method, settings["recipe"], dataset, args.out, seed=settings["seed"], device=device,
                         provenance=provenance(settings, device), progress=True,
