@@ -13,11 +13,17 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+import os
+
 from regbench.workflow.config import check_config, job_settings, is_trainable
 
-CONFIG_FILES = [str(f) for f in workflow.config_settings.configfiles] or ["config/config.yaml"]
-# the schema (config/schema.yaml), then every id, recipe key and type against the plugins: one error line
-CONFIG = check_config(config, source=" + ".join(CONFIG_FILES), schema=f"{workflow.basedir}/config/schema.yaml")
+CONFIG_FILES = [str(f) for f in workflow.config_settings.configfiles] or [f"{workflow.basedir}/config/config.yaml"]
+# lock files of tuned values are named relative to the config file's folder
+CONFIG_DIR = os.path.dirname(os.path.abspath(CONFIG_FILES[0]))
+# the schema (config/schema.yaml), then every id, recipe key and type against the plugins, then the lock files:
+# one error line
+CONFIG = check_config(config, source=" + ".join(CONFIG_FILES), schema=f"{workflow.basedir}/config/schema.yaml",
+                      config_dir=CONFIG_DIR)
 DATASETS = list(CONFIG["datasets"])
 METHODS = list(CONFIG["methods"])
 DATA = CONFIG["data_dir"]
@@ -30,6 +36,7 @@ include: "workflow/rules/baselines.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/tune.smk"
 
 
 rule all:

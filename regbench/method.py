@@ -77,6 +77,14 @@ class Deviation(NamedTuple):
     changes_results: bool = True
 
 
+class SearchRange(NamedTuple):
+    """A recipe value to tune: from ``low`` to ``high``, sampled on a ``"log"`` or ``"linear"`` scale."""
+
+    low: float
+    high: float
+    scale: str = "log"
+
+
 class RegistrationMethod:
     """Base class of every method plugin (see the module docstring for the contract)."""
 
@@ -98,6 +106,11 @@ class RegistrationMethod:
     #: Where this file departs from the paper and its official code (what, why, which recipes, whether it can
     #: change results); empty for a method that is its paper, or has none.
     deviations: tuple[Deviation, ...] = ()
+    #: What its users would tune (regbench.tuning, spec/protocol.md section 2): recipe key -> :class:`SearchRange`;
+    #: the regulariser weight(s) and the learning rate of a learned method. Empty: nothing to tune.
+    search_space: dict[str, SearchRange] = {}
+    #: Recipe keys that count optimiser steps; tuning trains with the same fraction of each for every method.
+    budget_keys: tuple[str, ...] = ("iterations",)
 
     def departures(self, recipe_name: str) -> list[Deviation]:
         """The deviations that the recipe ``recipe_name`` runs with and that can change its results."""
@@ -128,6 +141,14 @@ class RegistrationMethod:
         """Fill values a recipe leaves to others (None), once the overrides are in: VoxelMorph's regulariser
         weight follows its similarity unless the config sets it. The default returns the recipe as it is."""
         return recipe
+
+    def scale_budget(self, recipe: dict[str, Any], fraction: float) -> dict[str, Any]:
+        """The recipe with every :attr:`budget_keys` step count times ``fraction`` (at least one step)."""
+        scaled = dict(recipe)
+        for key in self.budget_keys:
+            if key in scaled:
+                scaled[key] = max(1, int(round(int(scaled[key]) * fraction)))
+        return scaled
 
     def working_grid(self, ndim: int, recipe: dict[str, Any]) -> WorkingGrid | None:
         """The grid the paper's network runs on; None (the default): the dataset's own grid."""

@@ -1,8 +1,8 @@
 """The package's layers, read from the code's imports: nothing imports a layer above its own.
 
-regbench/'s top-level modules (the plugin contracts, the loader, files, runtime) are what every part uses;
-above them, in order: the blocks that methods assemble, the data, training and evaluation (side by side),
-the report, the workflow's core. methods/ and datasets/ import only regbench's public modules, and only
+regbench/'s top-level modules (the plugin contracts, the loader, files, geometry, runtime) are what every part
+uses; above them, in order: the blocks that methods assemble, the data, training and evaluation (side by side),
+tuning, the report, the workflow's core. methods/ and datasets/ import only regbench's public modules, and only
 the plugin loader imports them.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "regbench"
 
 #: layer of each subpackage; top-level modules are layer 0. Equal layers may not import each other.
-LAYERS = {"blocks": 1, "data": 2, "training": 3, "evaluation": 3, "report": 4, "workflow": 5}
+LAYERS = {"blocks": 1, "data": 2, "training": 3, "evaluation": 3, "tuning": 4, "report": 5, "workflow": 6}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str, list[str]]]:
@@ -46,8 +46,10 @@ def regbench_targets(module: str, names: list[str], package: Path = PACKAGE) -> 
 def layer_of(module: str) -> tuple[int, str]:
     """(layer, subpackage or '') of a regbench module name."""
     parts = module.split(".")
-    if len(parts) < 2 or parts[1] not in LAYERS:
+    if len(parts) < 2 or not (PACKAGE / parts[1]).is_dir():
         return 0, ""
+    if parts[1] not in LAYERS:
+        raise AssertionError(f"regbench/{parts[1]}/ has no layer in tests/test_layout.py: give it one")
     return LAYERS[parts[1]], parts[1]
 
 

@@ -104,9 +104,12 @@ def deviation_records(method: RegistrationMethod, recipe_name: str | None) -> li
 
 
 def measure(call: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float]:
-    """(result, median seconds of ``repeats`` calls after a warm-up, peak memory in MB)."""
+    """(result, median seconds of ``repeats`` calls after a warm-up, peak memory in MB); ``repeats`` 0: one
+    untimed call (NaN seconds and memory), as tuning scores its val pairs."""
     cuda = device.type == "cuda"
     result = call()  # warm-up: lazy initialisation, caches, cuDNN autotuning
+    if repeats == 0:
+        return result, float("nan"), float("nan")
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -33,7 +33,7 @@ class TrainingDiverged(RuntimeError):
 
 def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
           *, seed: int = 0, device: str | torch.device = "cpu", provenance: dict | None = None,
-          progress: bool = False, mixed_precision: bool = False) -> dict[str, Any]:
+          progress: bool = False, mixed_precision: bool = False, supervision_folder=None) -> dict[str, Any]:
     """Train ``method`` with ``recipe`` on the training split; write model.pt, train_log.csv, train.json.
 
     train.json records the wall-clock training time and the median time per optimiser step (both
@@ -51,7 +51,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     net = method.build(dataset.ndim, recipe).to(device)
     adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)  # the paper's grid, where it has one
     stages = method.training_stages(net, recipe)
-    next_batch = training_batches(method, dataset, out_dir, recipe)  # with a classical tool's fields if needed
+    # with a classical tool's fields if the method needs them (results/<ds>/syn_supervision unless given)
+    next_batch = training_batches(method, dataset, out_dir, recipe, supervision_folder)
     ends = list(itertools.accumulate(stage.iterations for stage in stages))
     iterations = ends[-1]
     checkpoint_every = int(recipe.get("checkpoint_every", 100))

@@ -133,19 +133,19 @@ def supervision_dir(out_dir) -> Path:
     return Path(out_dir).parent / "syn_supervision"
 
 
-def training_batches(method, dataset, out_dir, recipe: dict[str, Any]):
+def training_batches(method, dataset, out_dir, recipe: dict[str, Any], supervision_folder=None):
     """The batch function ``(iteration, batch_size, seed) -> batch`` of a training run in ``out_dir``.
 
     :func:`regbench.data.prepared.training_batch` for most methods; for a method with ``needs_supervision``,
-    :func:`supervised_batch` over :func:`supervision_dir`, cut to the recipe's ``supervision_pairs``
-    (all written pairs when the recipe has no such key).
+    :func:`supervised_batch` over ``supervision_folder`` (default :func:`supervision_dir`), cut to the recipe's
+    ``supervision_pairs`` (all written pairs when the recipe has no such key).
     """
     from regbench.data.prepared import training_batch
 
     contrast = dataset.moving_contrast(method)  # both kinds of batch serve the method's moving contrast
     if not getattr(method, "needs_supervision", False):
         return lambda iteration, batch_size, seed: training_batch(dataset, iteration, batch_size, seed, contrast)
-    supervision = Supervision(supervision_dir(out_dir), dataset.shape)
+    supervision = Supervision(supervision_folder or supervision_dir(out_dir), dataset.shape)
     n_pairs = recipe.get("supervision_pairs")
     if n_pairs is not None and len(supervision) < int(n_pairs):
         raise InputError(f"{supervision.folder / 'index.csv'}: {len(supervision)} supervised pairs, but method "

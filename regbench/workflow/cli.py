@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -170,6 +171,38 @@ def _json_ready(value):
     return value
 
 
+def cmd_tune(args) -> None:
+    from regbench import plugins
+    from regbench.data.prepared import PreparedDataset
+    from regbench.runtime import provenance
+    from regbench.tuning.study import tune
+
+    settings = _settings(args.settings)
+    device = _prepare_runtime(settings)
+    method = plugins.load_method(settings["method"])
+    dataset = PreparedDataset(args.prepared).without_test()  # tuning chooses on val, never on test
+    options = settings["tuning"]
+    choice = tune(method, settings["recipe"], dataset, args.out, trials=int(options["trials"]),
+                  fraction=float(options["fraction"]), max_fold_pct=float(options["max_fold_pct"]),
+                  seed=int(options["seed"]), device=device, label_warp=settings["evaluation"]["label_warp"],
+                  supervision_folder=args.supervision, provenance=provenance(settings, device))
+    log.info("%s: chose %s (val Dice %.4f, %s) after %d trials", method.name, choice["chosen"], choice["val_dice"],
+             choice["status"], len(choice["trials"]))
+
+
+def cmd_lock(args) -> None:
+    from datetime import datetime, timezone
+
+    from regbench.io import read_json
+    from regbench.runtime import git_commit
+    from regbench.tuning.lock import write_lock
+
+    choices = [read_json(path) for path in args.choices]
+    made = {"commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": os.environ.get("REGBENCH_COMMAND") or "snakemake --cores all tune"}
+    write_lock(args.out, args.dataset, choices, made)
+
+
 def cmd_evaluate(args) -> None:
     """Every per-pair metric for one displacement file, as JSON."""
     import numpy as np
@@ -260,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results/<dataset>/<method>")
     p.add_argument("--settings", required=True)
     p.set_defaults(func=cmd_register)
+
+    p = commands.add_parser("tune", help="tune one method on one prepared dataset's val split (Optuna, resumable)")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--out", required=True, help="results/tuning/<dataset>/<method>")
+    p.add_argument("--settings", required=True, help="job settings as JSON, with the config's tuning section")
+    p.add_argument("--supervision", help="the dataset's SyN supervision folder, for a method that learns from it")
+    p.set_defaults(func=cmd_tune)
+
+    p = commands.add_parser("lock", help="write a tuning lock file from every method's choice.json")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="the lock file (config/tuned/<dataset>.yaml)")
+    p.add_argument("choices", nargs="*", help="results/tuning/<dataset>/<method>/choice.json, one a method")
+    p.set_defaults(func=cmd_lock)
 
     p = commands.add_parser("evaluate", help="score one displacement file (Learn2Reg format) and print every metric as JSON")
     p.add_argument("--fixed-seg", required=True, help="fixed label map (NIfTI)")

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from regbench import plugins
+from regbench.io import InputError
+from regbench.tuning.lock import chosen_values, read_lock
+from regbench.tuning.space import check_search_space
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "data",
@@ -24,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "on_failure": "stop",
     "recipe": "quick",
     "evaluation": {"label_warp": "nearest", "runtime_repeats": 3, "export_displacements": False},
+    # spec/protocol.md, section 2: the same number of trials and the same fraction of the budget for every method
+    "tuning": {"trials": 12, "fraction": 1.0, "max_fold_pct": 0.5, "seed": 0},
+    # dataset id -> lock file of tuned values (relative to the folder of the config file that names it)
+    "tuned": {},
 }
 
 
@@ -61,12 +68,20 @@ def check_schema(config: Any, schema_path, source: str = "the config") -> None:
         raise ConfigError(f"{source}: at {where}: {error.message}")
 
 
-def check_config(config: dict[str, Any], source: str = "the config", schema=None) -> dict[str, Any]:
+def check_config(config: dict[str, Any], source: str = "the config", schema=None, config_dir=None) -> dict[str, Any]:
     """Resolve defaults and check every name and override (first against the JSON schema at ``schema``,
-    when given); return the resolved config."""
+    when given); return the resolved config. Lock files named under ``tuned`` are read (relative to ``config_dir``,
+    the folder of the config file, else the working directory) and kept as ``_locks``: dataset -> lock."""
     if schema is not None:
         check_schema(config, schema, source)
     resolved = with_defaults(config)
+    resolved["_locks"] = {}
+    for dataset_id, name in resolved["tuned"].items():
+        path = Path(config_dir or ".") / name
+        try:
+            resolved["_locks"][dataset_id] = read_lock(path, dataset_id)
+        except InputError as err:
+            raise ConfigError(f"{source}: tuned > {dataset_id}: {err}") from None
     known_datasets = plugins.dataset_ids()
     for dataset_id, options in resolved["datasets"].items():
         if dataset_id not in known_datasets:
@@ -82,9 +97,16 @@ def check_config(config: dict[str, Any], source: str = "the config", schema=None
             raise ConfigError(f"{source}: unknown method {method_id!r} under 'methods'; "
                               f"known: {', '.join(known_methods)}")
         try:
+            check_search_space(plugins.load_method(method_id))
             _, recipe = method_recipe(resolved, method_id)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
+        for dataset_id, lock in resolved["_locks"].items():
+            unknown = sorted(set(chosen_values(lock, method_id)) - set(recipe))
+            if unknown:
+                raise ConfigError(f"{source}: tuned > {dataset_id}: {Path(config_dir or '.') / resolved['tuned'][dataset_id]}"
+                                  f": method {method_id!r} has no recipe key {unknown[0]!r} (its keys: {sorted(recipe)})")
+            method_recipe(resolved, method_id, dataset_id)
         if plugins.load_method(method_id).trainable:
             _check_training_keys(recipe, method_id, source)
     return resolved
@@ -100,19 +122,31 @@ def _check_training_keys(recipe: dict[str, Any], method_id: str, source: str) ->
         raise ConfigError(f"{source}: method {method_id!r}: recipe key 'lr' must be > 0, got {lr!r}")
 
 
-def method_recipe(config: dict[str, Any], method_id: str) -> tuple[str, dict[str, Any]]:
-    """(recipe name, resolved recipe) of a method under this config."""
+def method_recipe(config: dict[str, Any], method_id: str, dataset_id: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(recipe name, resolved recipe) of a method under this config: the named recipe, then the values tuned for
+    ``dataset_id`` (its lock file, when the config names one), then the config's own overrides."""
     entry = config["methods"].get(method_id) or {}
     which = entry.get("recipe", config.get("recipe", "quick"))
-    return which, plugins.load_method(method_id).recipe(which, entry.get("overrides"))
+    return which, plugins.load_method(method_id).recipe(which, {**tuned_values(config, method_id, dataset_id),
+                                                                **(entry.get("overrides") or {})})
+
+
+def tuned_values(config: dict[str, Any], method_id: str, dataset_id: str | None) -> dict[str, float]:
+    """The values a lock file of ``dataset_id`` chose for the method ({} without one)."""
+    lock = (config.get("_locks") or {}).get(dataset_id)
+    return chosen_values(lock, method_id) if lock else {}
 
 
 def is_trainable(method_id: str) -> bool:
     return plugins.load_method(method_id).trainable
 
 
-def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None = None) -> dict[str, Any]:
-    """Everything one job needs to reproduce its outputs (its hash is the provenance's config hash)."""
+def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None = None,
+                 tuned: bool = True) -> dict[str, Any]:
+    """Everything one job needs to reproduce its outputs (its hash is the provenance's config hash).
+
+    ``tuned``: the recipe takes the dataset's lock-file values (``tuned``: which values, from which file, and the
+    config's overrides of them); False for the tuning itself, which starts from the recipe."""
     settings = {
         "dataset": dataset_id,
         "dataset_options": plugins.load_dataset(dataset_id).resolve_options(config["datasets"][dataset_id]),
@@ -124,8 +158,14 @@ def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None 
         "evaluation": config["evaluation"],
     }
     if method_id is not None:
-        which, recipe = method_recipe(config, method_id)
+        which, recipe = method_recipe(config, method_id, dataset_id if tuned else None)
         settings.update({"method": method_id, "recipe_name": which, "recipe": recipe})
+        values = tuned_values(config, method_id, dataset_id) if tuned else {}
+        if values:
+            overridden = sorted(set(values) & set((config["methods"].get(method_id) or {}).get("overrides") or {}))
+            settings["tuned"] = {"file": config["tuned"][dataset_id], "values": values, "overridden": overridden}
+        if not tuned:
+            settings["tuning"] = config["tuning"]
     return settings
 
 

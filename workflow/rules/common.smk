@@ -88,6 +88,27 @@ def supervision_settings(wildcards):
     return json.dumps(job_settings(CONFIG, wildcards.dataset, SUPERVISOR), sort_keys=True)
 
 
+# ------------------------------------------------------------------------------------------------ tuning
+
+#: the methods a tuning tunes: those that declare a search space
+TUNED_METHODS = [m for m in METHODS if plugins.load_method(m).search_space]
+
+
+def tune_settings(wildcards):
+    """A tuning job's settings: the recipe before any lock file, and the config's tuning section."""
+    return json.dumps(job_settings(CONFIG, wildcards.dataset, wildcards.method, tuned=False), sort_keys=True)
+
+
+def supervision_folder(wildcards):
+    """Where a method that learns from SyN's fields finds them: results/<dataset>/syn_supervision."""
+    return f"{RESULTS}/{wildcards.dataset}/syn_supervision"
+
+
+def lock_file(dataset):
+    """The lock file a tuning of ``dataset`` writes: the one the config names, else <config folder>/tuned/<dataset>.yaml."""
+    return os.path.join(CONFIG_DIR, CONFIG["tuned"].get(dataset, f"tuned/{dataset}.yaml"))
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def dataset_figure(name, title):
@@ -107,6 +128,7 @@ RESOURCE_DEFAULTS = {
     "syn_supervision": {"runtime": 1440, "mem_mb": 16000},
     "train": {"runtime": 2880, "mem_mb": 32000, "gpu": 1},
     "register": {"runtime": 720, "mem_mb": 16000},
+    "tune": {"runtime": 2880, "mem_mb": 32000, "gpu": 1},
 }
 
 

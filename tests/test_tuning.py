@@ -1,0 +1,180 @@
+"""The tuning protocol: search spaces checked, trials on the val split, diverging trials lose, resumes are exact,
+the lock file records the choice and the runs train with it."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from regbench import RegistrationMethod, SearchRange
+from regbench.blocks.losses import mse
+from regbench.blocks.spatial import warp
+from regbench.io import read_json
+from regbench.training import loop
+from regbench.tuning import study as tuning
+from regbench.tuning.lock import read_lock, write_lock
+from regbench.tuning.space import check_search_space
+from regbench.workflow.config import ConfigError, check_config, job_settings
+
+
+class Translation(torch.nn.Module):
+    def __init__(self, ndim):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(ndim))
+
+    def forward(self, fixed):
+        return self.shift.view(1, -1, *([1] * (fixed.dim() - 2))).expand(fixed.shape[0], -1, *fixed.shape[2:])
+
+
+class Shift(RegistrationMethod):
+    """A toy learned method: one translation for every pair, trained by MSE; a rate above ``diverge_above``
+    gives a NaN loss (a diverging training)."""
+
+    name = "shift"
+    recipes = {"quick": {"iterations": 4, "batch_size": 1, "lr": 1e-2, "weight": 1.0, "diverge_above": 10.0,
+                         "checkpoint_every": 100}}
+    search_space = {"lr": SearchRange(1e-3, 1.0, "log"), "weight": SearchRange(0.5, 2.0, "linear")}
+
+    def build(self, ndim, recipe):
+        return Translation(ndim)
+
+    def loss_terms(self, net, batch, recipe):
+        loss = recipe["weight"] * mse(batch["fixed"], warp(batch["moving"], net(batch["fixed"])))
+        if recipe["lr"] > recipe["diverge_above"]:
+            loss = loss * float("nan")
+        return {"similarity": (1.0, loss)}
+
+    def register(self, net, fixed, moving, recipe):
+        return net(fixed).detach()
+
+
+def test_search_spaces_are_checked_naming_the_method_and_the_key():
+    check_search_space(Shift())
+
+    def broken(**space):
+        method = Shift()
+        method.search_space = space
+        return method
+
+    for space, message in [({"alpha": SearchRange(0.1, 1.0)}, "'alpha' is not a key"),
+                           ({"lr": SearchRange(1e-2, 1e-3)}, "'lr' has an empty or reversed range"),
+                           ({"lr": SearchRange(1e-2, 1e-2)}, "'lr' has an empty or reversed range"),
+                           ({"weight": SearchRange(0.0, 1.0, "log")}, "'weight' is on a log scale"),
+                           ({"weight": SearchRange(0.1, 1.0, "cubic")}, "'weight' has scale 'cubic'")]:
+        with pytest.raises(ValueError, match=f"method 'shift': search_space: {message}"):
+            check_search_space(broken(**space))
+
+
+def test_every_method_file_declares_a_valid_search_space():
+    from regbench.plugins import load_method, method_ids
+
+    for method_id in method_ids():
+        method = load_method(method_id)
+        check_search_space(method)
+        if method_id in {"identity", "affine", "external"}:
+            assert not method.search_space, method_id
+        else:
+            assert method.search_space, f"methods/{method_id}.py declares no search_space"
+        if method.trainable and method.search_space:
+            assert "lr" in method.search_space, method_id
+
+
+def _tune(dataset, out, trials=3, **recipe):
+    method = Shift()
+    return tuning.tune(method, method.recipe("quick", recipe), dataset, out, trials=trials, seed=0)
+
+
+def test_trials_train_on_train_and_score_on_val(small_embedded2d, tmp_path):
+    choice = _tune(small_embedded2d, tmp_path / "study", trials=3)
+    trials = pd.read_csv(tmp_path / "study" / "trials.csv")
+    assert list(trials["trial"]) == [0, 1, 2] and set(trials["status"]) == {"feasible"}
+    assert (trials["lr"].between(1e-3, 1.0) & trials["weight"].between(0.5, 2.0)).all()
+    val_pairs = small_embedded2d.split_pairs("val")
+    scored = pd.read_csv(tmp_path / "study" / "trials" / "000" / "pairs.csv")
+    assert list(zip(scored["fixed"], scored["moving"])) == list(zip(val_pairs["fixed"], val_pairs["moving"]))
+    assert trials.loc[choice["trial"], "val_dice"] == pytest.approx(trials["val_dice"].max())
+    assert choice["chosen"]["lr"] == pytest.approx(trials.loc[choice["trial"], "lr"])
+    assert not (tmp_path / "study" / "trials" / "000" / "model.pt").exists()
+    assert read_json(tmp_path / "study" / "trials" / "000" / "eval.json")["split"] == "val"
+
+
+def test_a_diverging_trial_is_recorded_and_loses(small_embedded2d, tmp_path):
+    choice = _tune(small_embedded2d, tmp_path / "study", trials=6, diverge_above=0.03)
+    trials = pd.read_csv(tmp_path / "study" / "trials.csv")
+    diverged = trials[trials["status"] == "diverged"]
+    assert len(diverged) >= 1 and (diverged["lr"] > 0.03).all()
+    assert len(trials) == 6                      # the tuning went on after it
+    assert choice["status"] == "feasible" and choice["chosen"]["lr"] <= 0.03
+
+
+def test_an_infeasible_trial_loses_to_every_feasible_one():
+    rows = pd.DataFrame({"trial": [0, 1, 2, 3], "val_dice": [0.9, 0.7, 0.8, float("nan")],
+                         "val_fold_pct": [2.0, 0.1, 0.4, float("nan")],
+                         "status": ["infeasible", "feasible", "feasible", "diverged"]})
+    assert tuning.choose(rows) == 2
+    nothing_feasible = rows.assign(status=["infeasible", "infeasible", "infeasible", "diverged"])
+    assert tuning.choose(nothing_feasible) == 1  # the one that folds least
+
+
+def test_a_killed_tuning_resumes_and_ends_with_the_same_choice(small_embedded2d, tmp_path, monkeypatch):
+    whole = _tune(small_embedded2d, tmp_path / "whole", trials=3)
+    calls = {"n": 0}
+    real_train = loop.train
+
+    def killed_in_second_trial(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "train", killed_in_second_trial)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(small_embedded2d, tmp_path / "resumed", trials=3)
+    assert len(pd.read_csv(tmp_path / "resumed" / "trials.csv")) == 1
+    monkeypatch.setattr(tuning, "train", real_train)
+    resumed = _tune(small_embedded2d, tmp_path / "resumed", trials=3)
+    assert resumed["chosen"] == whole["chosen"] and resumed["trial"] == whole["trial"]
+    keep = ["trial", "lr", "weight", "val_dice", "val_fold_pct", "status"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed" / "trials.csv")[keep],
+                                  pd.read_csv(tmp_path / "whole" / "trials.csv")[keep])
+
+
+def test_the_lock_file_records_the_choice_and_is_checked(small_embedded2d, tmp_path):
+    choice = _tune(small_embedded2d, tmp_path / "study", trials=2)
+    lock_path = tmp_path / "tuned" / "embedded2d.yaml"
+    write_lock(lock_path, "embedded2d", [choice], {"commit": "abc", "date": "today"})
+    lock = read_lock(lock_path, "embedded2d")
+    entry = lock["methods"]["shift"]
+    assert entry["chosen"] == {k: pytest.approx(v, rel=1e-5) for k, v in choice["chosen"].items()}
+    assert len(entry["trials"]) == 2 and lock["budget"]["trials"] == 2
+    assert entry["search_space"] == {"lr": [1e-3, 1.0, "log"], "weight": [0.5, 2.0, "linear"]}
+    with pytest.raises(Exception, match="a lock file of dataset 'embedded2d', named for dataset 'oasis'"):
+        read_lock(lock_path, "oasis")
+
+
+def test_runs_train_with_the_lock_file_and_a_bad_one_stops_the_run(tmp_path):
+    (tmp_path / "tuned").mkdir()
+    lock = {"dataset": "embedded2d", "methods": {"voxelmorph": {"chosen": {"lr": 0.002, "smoothness_weight": 0.5}}}}
+    (tmp_path / "tuned" / "embedded2d.yaml").write_text(yaml.safe_dump(lock))
+    config = {"datasets": {"embedded2d": {}}, "methods": {"voxelmorph": {"overrides": {"smoothness_weight": 2.0}}},
+              "tuned": {"embedded2d": "tuned/embedded2d.yaml"}}
+    resolved = check_config(config, config_dir=tmp_path)
+    settings = job_settings(resolved, "embedded2d", "voxelmorph")
+    assert settings["recipe"]["lr"] == 0.002              # the lock file's value
+    assert settings["recipe"]["smoothness_weight"] == 2.0  # the config's own override wins
+    assert settings["tuned"] == {"file": "tuned/embedded2d.yaml", "values": {"lr": 0.002, "smoothness_weight": 0.5},
+                                 "overridden": ["smoothness_weight"]}
+    assert job_settings(resolved, "embedded2d", "voxelmorph", tuned=False)["recipe"]["lr"] == 1e-3  # tuning
+    lock["methods"]["voxelmorph"]["chosen"]["alpha"] = 1.0
+    (tmp_path / "tuned" / "embedded2d.yaml").write_text(yaml.safe_dump(lock))
+    with pytest.raises(ConfigError, match="embedded2d.yaml: method 'voxelmorph' has no recipe key 'alpha'"):
+        check_config(config, config_dir=tmp_path)
+    (tmp_path / "tuned" / "embedded2d.yaml").write_text(yaml.safe_dump({**lock, "dataset": "oasis"}))
+    with pytest.raises(ConfigError, match="a lock file of dataset 'oasis', named for dataset 'embedded2d'"):
+        check_config(config, config_dir=tmp_path)
+    with pytest.raises(ConfigError, match="missing.yaml: tuning lock file not found"):
+        check_config({**config, "tuned": {"embedded2d": "missing.yaml"}}, config_dir=tmp_path)
+    json.dumps(settings)  # the settings stay JSON for the command line
