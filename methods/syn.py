@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.ants import VOXEL_SPACE, linear_stage, register_tensors, registration_options, syn_stage
 
 _LINEAR_OFF = {
@@ -108,6 +108,13 @@ class Method(RegistrationMethod):
         Deviation("One ITK thread and a fixed random seed", "Bit-identical reruns; ANTs' result does not depend "
                   "on the thread count beyond floating-point order.", changes_results=False),
     )
+    # What an ANTs user tunes: the gradient step and the smoothing of the update and total fields (voxels^2;
+    # the paper's 0.25, 9, 0.2 and TransMorph's 0.2, 3, 0 inside)
+    search_space = {
+        "syn_gradient_step": SearchRange(0.05, 1.0, "log"),
+        "syn_update_variance": SearchRange(0.5, 16.0, "log"),
+        "syn_total_variance": SearchRange(0.0, 3.0, "linear"),
+    }
     recipes = {
         "paper": {
             **_COMMON,

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
 from regbench.blocks.networks import UNet, flow_head
 from regbench.blocks.spatial import integrate_velocity, resize_displacement, warp
@@ -89,6 +89,8 @@ class Method(RegistrationMethod):
         },
     }
 
+    # The papers tuned lambda (TMI 2019, Fig. 6); the rate is what every user sets. Both recipes' values inside.
+    search_space = {"smoothness_weight": SearchRange(0.01, 10.0, "log"), "lr": SearchRange(1e-5, 1e-2, "log")}
     deviations = (
         Deviation("Convolutions keep PyTorch's default initialisation",
                   "voxelmorph's PyTorch code does the same; the Keras original of the papers used He-normal."),

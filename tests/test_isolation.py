@@ -10,7 +10,8 @@ import pytest
 
 from regbench.data.prepared import PreparedDataset
 from regbench.io import InputError
-from regbench.plugins import load_dataset
+from regbench.plugins import load_dataset, load_method
+from regbench.tuning.study import tune
 from regbench.workflow import cli
 from regbench.workflow.config import check_config, job_settings
 
@@ -61,3 +62,12 @@ def test_training_succeeds_on_poisoned_test_data_and_registering_names_a_test_fi
     assert "NaN" in error or "not finite" in error, error
     assert not (out / "pairs.csv").exists()
     shutil.rmtree(out)
+
+
+def test_tuning_succeeds_on_poisoned_test_data(poisoned, tmp_path):
+    """Tuning reads train and val only, even when handed the whole dataset."""
+    method = load_method("voxelmorph")
+    recipe = method.recipe("quick", {"iterations": 3})
+    choice = tune(method, recipe, PreparedDataset(poisoned), tmp_path / "tuning", trials=2, seed=0)
+    assert choice["status"] == "feasible" and len(choice["trials"]) == 2
+    assert all(0 < row["val_dice"] <= 1 for row in choice["trials"])
