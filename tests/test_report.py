@@ -35,7 +35,19 @@ TINY = {
     "datasets": {"embedded2d": {"n_train": 4, "n_val": 1, "n_test": 3}},
     "methods": {"identity": {}, "voxelmorph": {"overrides": {"iterations": 12, "batch_size": 2, "log_every": 2}}},
     "evaluation": {"runtime_repeats": 1},
+    "tuned": {"embedded2d": "tuned.yaml"},
 }
+#: a lock file of two trials for VoxelMorph, as rule lock writes it (the run trains with its chosen values)
+LOCK = {"dataset": "embedded2d", "made": {"commit": "0123456789ab", "date": "2026-01-01"},
+        "budget": {"trials": 2, "fraction": 0.5, "max_fold_pct": 0.5, "seed": 0, "val_pairs": 1},
+        "methods": {"voxelmorph": {
+            "chosen": {"smoothness_weight": 0.7, "lr": 0.002}, "val_dice": 0.65, "val_fold_pct": 0.0,
+            "status": "feasible", "trial": 1, "search_space": {"smoothness_weight": [0.01, 10.0, "log"],
+                                                               "lr": [1e-5, 1e-2, "log"]},
+            "trials": [{"trial": 0, "smoothness_weight": 3.0, "lr": 1e-4, "val_dice": 0.61, "val_fold_pct": 0.0,
+                        "status": "feasible", "seconds": 1.0},
+                       {"trial": 1, "smoothness_weight": 0.7, "lr": 0.002, "val_dice": 0.65, "val_fold_pct": 0.0,
+                        "status": "feasible", "seconds": 1.0}]}}}
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
                 None)
 
@@ -46,7 +58,8 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("report_run")
     (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    config = check_config(TINY)
+    (work / "tuned.yaml").write_text(yaml.safe_dump(LOCK))
+    config = check_config(TINY, config_dir=work)
     prepared, results = work / "data" / "embedded2d" / "prepared", work / "results"
 
     def settings(method=None):
@@ -83,7 +96,19 @@ def test_the_report_rules_write_every_figure_and_the_page(run):
     assert "regbench commit" in page and "torch <code>" in page
     markdown = (results / "leaderboard.md").read_text()
     for method in METHODS:
-        assert re.search(rf"^\| {method}( ◆)? \|", markdown, re.M)
+        assert re.search(rf"^\| {method}( ◆)?( †)? \|", markdown, re.M)
+
+
+def test_the_report_says_what_was_tuned_and_the_run_trains_with_it(run):
+    train = json.loads((run["results"] / "embedded2d" / "voxelmorph" / "train.json").read_text())
+    assert (train["recipe"]["lr"], train["recipe"]["smoothness_weight"]) == (0.002, 0.7)
+    facts = json.loads((run["results"] / "report" / "embedded2d" / "figures.json").read_text())
+    tuned = facts["tuning"]["methods"]["voxelmorph"]
+    assert tuned["chosen"] == {"smoothness_weight": 0.7, "lr": 0.002} and tuned["trials"] == 2
+    assert tuned["overridden"] == [] and "identity" not in facts["tuning"]["methods"]
+    page = (run["results"] / "report" / "index.html").read_text()
+    assert "What was tuned, and what was chosen" in page and "smoothness_weight 0.7" in page
+    assert "2 trials, 0.5 of each recipe's steps" in page and "tuned values" in page
 
 
 def test_the_median_pair_is_registered_again_to_the_evaluated_scores(run):
@@ -286,7 +311,7 @@ class Browser:
         state = json.loads(self.send("Runtime.evaluate", {"returnByValue": True, "expression": """JSON.stringify({
             images: document.images.length,
             broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
-            methods: Array.from(document.querySelectorAll('table.leaderboard tbody th.method')).map(e => e.textContent.trim()),
+            methods: Array.from(document.querySelectorAll('table.leaderboard tbody th.method')).map(e => e.textContent.replace('†', '').trim()),
             width: document.documentElement.scrollWidth,
             height: document.documentElement.scrollHeight})"""})["result"]["value"])
         shot = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {

@@ -24,7 +24,7 @@ from regbench.report import plots, style
 log = logging.getLogger("regbench")
 
 #: the figures of a dataset, in the order the report shows them
-FIGURES = ("dice_per_structure", "accuracy_regularity", "runtime", "training_curves", "median_pair")
+FIGURES = ("dice_per_structure", "accuracy_regularity", "runtime", "training_curves", "tuning", "median_pair")
 
 
 def figure_paths(results_dir, dataset_id: str) -> dict[str, Path]:
@@ -172,9 +172,35 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     return result
 
 
+def tuning_facts(lock: dict | None, lock_file: str | None, method_dirs: dict[str, Path]) -> dict:
+    """What the report says of the tuning: per method that declares a search space, the lock file's choice and
+    trials, and which values this run trained with (tuned, overridden by the config, or the recipe's own)."""
+    from regbench import plugins
+
+    facts = {"file": lock_file, "budget": (lock or {}).get("budget", {}), "made": (lock or {}).get("made", {}),
+             "methods": {}}
+    for method_id, folder in method_dirs.items():
+        space = plugins.load_method(method_id).search_space
+        if not space:
+            continue
+        entry = ((lock or {}).get("methods") or {}).get(method_id)
+        recipe = read_json(folder / "eval.json").get("recipe", {}) if (folder / "eval.json").exists() else {}
+        record = {"search_space": {k: list(v) for k, v in space.items()},
+                  "used": {k: recipe.get(k) for k in space}}
+        if entry:
+            record.update({k: entry[k] for k in ("chosen", "val_dice", "val_fold_pct", "status", "trial")
+                           if k in entry})
+            record["trials"] = len(entry.get("trials", []))
+            record["overridden"] = sorted(k for k, v in entry["chosen"].items()
+                                          if recipe.get(k) is not None and not np.isclose(recipe[k], v))
+        facts["methods"][method_id] = record
+    return facts
+
+
 def write_figures(results_dir, prepared_dir, dataset_id: str, method_ids: list[str],
-                  settings: dict | None = None) -> dict[str, Path]:
-    """Every figure of one dataset, and figures.json (the median pair and its scores)."""
+                  settings: dict | None = None, lock: dict | None = None, lock_file: str | None = None
+                  ) -> dict[str, Path]:
+    """Every figure of one dataset, and figures.json (the median pair and its scores, the tuning)."""
     results_dir = Path(results_dir)
     paths = figure_paths(results_dir, dataset_id)
     colors = style.method_colors(method_ids)
@@ -192,6 +218,11 @@ def write_figures(results_dir, prepared_dir, dataset_id: str, method_ids: list[s
     plots.runtime(pairs, {m: float(trained[m].get("train_time_s", np.nan)) for m in trained}, paths["runtime"],
                   colors, order=order, devices={m: device_text(trained[m]) for m in trained})
     plots.training_curves(logs, paths["training_curves"], colors)
+    tuning = tuning_facts(lock, lock_file, method_dirs)
+    tuned = {m: pd.DataFrame(lock["methods"][m]["trials"]) for m in tuning["methods"]
+             if lock and m in lock.get("methods", {})}
+    plots.tuning_trials(tuned, paths["tuning"], colors, {m: lock["methods"][m].get("trial") for m in tuned},
+                        note="Not tuned on this dataset: every method trains with its recipe's own values.")
 
     info = read_json(Path(prepared_dir) / "dataset.json")
     example = register_median_pair(results_dir, prepared_dir, dataset_id, order, settings)
@@ -206,6 +237,7 @@ def write_figures(results_dir, prepared_dir, dataset_id: str, method_ids: list[s
         "median_pair": {"fixed": example["fixed_id"], "moving": example["moving_id"]},
         "slice": None if display.index is None else {"axis": display.axes["slice_axis"], "index": display.index},
         "scores": {m: {"recomputed": e["scores"], "evaluated": e["evaluated"]} for m, e in example["methods"].items()},
+        "tuning": tuning,
     }
     for method, scores in facts["scores"].items():
         if not np.isclose(scores["recomputed"]["dice"], scores["evaluated"]["dice"], rtol=0, atol=1e-6, equal_nan=True):

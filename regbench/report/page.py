@@ -78,6 +78,10 @@ FIGURE_TEXT = {
     "training_curves": ("Training curves",
                         "Each loss term against the iteration (train_log.csv): the weighted total first, then "
                         "each term unweighted. Faint: the logged values; solid: their running mean."),
+    "tuning": ("Tuning on the val split",
+               "Val Dice of every trial of the tuning (the lock file this run trained with), a panel per tuned "
+               "method, the same number of trials each: dots feasible, crosses folding past the bound, triangles "
+               "diverged; the line is the best feasible value so far, the ring the chosen trial."),
     "median_pair": ("The median test pair",
                     "The test pair whose Dice, averaged over the methods, is the median, registered by every "
                     "method: fixed and moving images, the warped moving image, its difference to the fixed "
@@ -91,9 +95,15 @@ REPORT_PACKAGES = ("regbench", "torch", "numpy", "scipy", "pandas", "nibabel", "
 # ------------------------------------------------------------------------------------------------ steps
 
 def write_dataset(results_dir, prepared_dir, dataset_id: str, method_ids: list[str],
-                  settings: dict | None = None) -> None:
-    """results/report/<dataset>/: every figure, figures.json, and leaderboard.html (the table alone)."""
-    figures.write_figures(results_dir, prepared_dir, dataset_id, method_ids, settings)
+                  settings: dict | None = None, lock_file=None) -> None:
+    """results/report/<dataset>/: every figure, figures.json, and leaderboard.html (the table alone).
+
+    ``lock_file``: the tuning lock file the run trained with (config ``tuned:``), or None."""
+    from regbench.tuning.lock import read_lock
+
+    lock = read_lock(lock_file, dataset_id) if lock_file else None
+    figures.write_figures(results_dir, prepared_dir, dataset_id, method_ids, settings, lock,
+                          str(lock_file) if lock_file else None)
     section = DatasetSection(results_dir, dataset_id, method_ids, prepared_dir)
     write_text(Path(results_dir) / "report" / dataset_id / "leaderboard.html",
                _page(f"regbench: {dataset_id} leaderboard", section.tables_html(heading=f"{dataset_id} leaderboard")))
@@ -226,7 +236,7 @@ class DatasetSection:
         table = (f"<div class='table-wrap'><table class='leaderboard'><thead>{head}</thead>"
                  f"<tbody>{''.join(body)}</tbody></table></div>")
         title = f"<h3>{html.escape(heading)}</h3>" if heading else ""
-        return title + table + note + self.deviations_html() + self.published_html()
+        return title + table + note + self.deviations_html() + self.tuning_html() + self.published_html()
 
     def _cell(self, row, name, group, fmt, best, p_values) -> str:
         key = name if name == "dsc30" else f"{name}_mean"
@@ -267,6 +277,44 @@ class DatasetSection:
         if train and register and train != register:
             return f"train: {train}; register: {register}"
         return train or register or "–"
+
+    def tuning_html(self) -> str:
+        """What was tuned, over which range, with how many trials, what was chosen and its val score; or that the
+        run trains with the recipes' own values (the papers' for a paper recipe)."""
+        tuning = self.facts.get("tuning") or {}
+        methods = tuning.get("methods") or {}
+        if not methods:
+            return ""
+        budget = tuning.get("budget") or {}
+        rows = []
+        for method, record in methods.items():
+            space = "; ".join(f"{html.escape(k)} {low:g} to {high:g} ({scale})"
+                              for k, (low, high, scale) in record["search_space"].items())
+            if "chosen" in record:
+                chosen = ", ".join(f"{html.escape(k)} {v:.3g}" for k, v in record["chosen"].items())
+                used = ("tuned values" if not record.get("overridden") else
+                        "tuned, but the config sets " + ", ".join(record["overridden"]))
+                score = f"{record['val_dice']:.3f}<span class='s'>folds {record['val_fold_pct']:.3g} %, " \
+                        f"{html.escape(str(record.get('status', '')))}</span>"
+                cells = [space, str(record.get("trials", "–")), chosen, score, used]
+            else:
+                recipe_values = ", ".join(f"{html.escape(k)} {_number(v)}" for k, v in record["used"].items())
+                cells = [space, "–", "–", "–", f"the recipe's values ({recipe_values}): not tuned"]
+            rows.append(f"<tr><th scope='row'>{html.escape(method)}</th>"
+                        + "".join(f"<td class='text'>{c}</td>" for c in cells) + "</tr>")
+        if tuning.get("file"):
+            intro = (f"Trained with the values of <code>{html.escape(tuning['file'])}</code>, chosen on the val split "
+                     f"({budget.get('val_pairs', '?')} pairs) with the same budget for every method: "
+                     f"{budget.get('trials', '?')} trials, {budget.get('fraction', 1):g} of each recipe's steps, "
+                     f"mean folds at most {budget.get('max_fold_pct', '?')} %; made at "
+                     f"{html.escape(str((tuning.get('made') or {}).get('commit', '?'))[:10])}.")
+        else:
+            intro = ("No tuning lock file: every method trains with its recipe's own values (the papers' in a paper "
+                     "recipe). Tune them on the val split with <code>snakemake --cores all tune</code> and this config.")
+        return ("<details class='deviations tuning'><summary>What was tuned, and what was chosen</summary>"
+                f"<p class='note'>{intro}</p><table class='plain'><thead><tr><th>method</th><th>search space</th>"
+                "<th>trials</th><th>chosen</th><th>val Dice</th><th>this run</th></tr></thead><tbody>"
+                + "".join(rows) + "</tbody></table></details>")
 
     def deviations(self, method: str) -> list[dict]:
         return self.records.get(method, {}).get("eval", {}).get("deviations", [])
@@ -487,6 +535,10 @@ def _page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
+def _number(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def _recipes_text(deviation: dict) -> str:
     recipes = deviation.get("recipes", [])
     return ("recipes: " + ", ".join(recipes)) if recipes else "an option, off in both recipes"
@@ -534,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", required=True)
     p.add_argument("--methods", required=True, help="comma-separated method ids, in the config's order")
     p.add_argument("--settings", help="the job settings as JSON (device, torch_threads) for the example registrations")
+    p.add_argument("--lock", default="", help="the tuning lock file the run trained with (config tuned:), if any")
     p = commands.add_parser("page", help="results/report/index.html and results/leaderboard.md")
     p.add_argument("--results", required=True)
     p.add_argument("--data", default="data", help="the data folder (for data/<dataset>/prepared/dataset.json)")
@@ -546,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.step == "dataset":
             settings = json.loads(args.settings) if args.settings else None
-            write_dataset(args.results, args.prepared, args.dataset, args.methods.split(","), settings)
+            write_dataset(args.results, args.prepared, args.dataset, args.methods.split(","), settings,
+                          args.lock or None)
         else:
             write_page(args.results, json.loads(args.methods), args.data, args.command, args.config_hash)
     except (InputError, ValueError) as err:

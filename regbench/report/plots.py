@@ -262,6 +262,59 @@ def training_curves(logs: dict[str, pd.DataFrame], path, colors: dict) -> None:
     style.save(fig, path)
 
 
+#: panels a row in the tuning figure
+TUNING_COLUMNS = 5
+
+
+def tuning_trials(trials: dict[str, pd.DataFrame], path, colors: dict, chosen: dict[str, int] | None = None,
+                  note: str = "") -> None:
+    """Val Dice against the trial, a panel per tuned method (the same trials for each): feasible trials as dots,
+    infeasible ones (folding past the bound) as crosses, diverged ones at the panel's foot; the line is the
+    best feasible val Dice so far, the ring the chosen trial."""
+    style.apply()
+    if not trials:
+        fig, axis = plt.subplots(figsize=(6, 1.2))
+        axis.axis("off")
+        axis.text(0.5, 0.5, note or "No method was tuned on this dataset.", ha="center", va="center")
+        style.save(fig, path)
+        return
+    methods = list(trials)
+    ncols = min(TUNING_COLUMNS, len(methods))
+    nrows = -(-len(methods) // ncols)
+    panel = min(2.6, style.MAX_WIDTH / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols, 2.0 * nrows + 0.4), squeeze=False, sharey=True,
+                             layout="constrained")
+    finite = pd.concat([t["val_dice"] for t in trials.values()]).dropna()
+    floor = float(finite.min()) - 0.02 if len(finite) else 0.0
+    for index, axis in enumerate(axes.flat):
+        if index >= len(methods):
+            axis.axis("off")
+            continue
+        method = methods[index]
+        table, color = trials[method], colors.get(method, "black")
+        feasible = table["status"] == "feasible"
+        axis.plot(table.loc[feasible, "trial"], table.loc[feasible, "val_dice"], "o", color=color, markersize=4)
+        infeasible = table["status"] == "infeasible"
+        axis.plot(table.loc[infeasible, "trial"], table.loc[infeasible, "val_dice"], "x", color=color, markersize=5)
+        diverged = table["status"] == "diverged"
+        axis.plot(table.loc[diverged, "trial"], np.full(int(diverged.sum()), floor), "v", color="#b35900",
+                  markersize=5)
+        best = table["val_dice"].where(feasible).cummax()
+        axis.step(table["trial"], best, where="post", color=color, lw=1.2, alpha=0.8)
+        if chosen and method in chosen:
+            row = table[table["trial"] == chosen[method]]
+            axis.plot(row["trial"], row["val_dice"], "o", markerfacecolor="none", markeredgecolor="black",
+                      markersize=9)
+        axis.set_title(method, fontsize="small", fontweight="bold", color=_darker(color))
+        axis.tick_params(labelsize="x-small")
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        if index % ncols == 0:
+            axis.set_ylabel("val Dice", fontsize="small")
+        if index >= len(methods) - ncols:
+            axis.set_xlabel("trial", fontsize="small")
+    style.save(fig, path)
+
+
 def registration_examples(fixed: np.ndarray, moving: np.ndarray, rows: list[dict], path, colors: dict) -> None:
     """One test pair registered by every method, a row per method: fixed, moving, warped, warped − fixed,
     the deformation grid and det J.

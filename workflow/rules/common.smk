@@ -109,6 +109,11 @@ def lock_file(dataset):
     return os.path.join(CONFIG_DIR, CONFIG["tuned"].get(dataset, f"tuned/{dataset}.yaml"))
 
 
+def named_lock_file(wildcards):
+    """The lock file the config trains this dataset with ("" when it names none): what the report shows."""
+    return lock_file(wildcards.dataset) if wildcards.dataset in CONFIG["tuned"] else ""
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def dataset_figure(name, title):

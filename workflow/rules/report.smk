@@ -18,7 +18,8 @@ rule report_dataset:
         accuracy=dataset_figure("accuracy_regularity", "3 accuracy against regularity"),
         runtime=dataset_figure("runtime", "4 time"),
         curves=dataset_figure("training_curves", "5 training curves"),
-        example=dataset_figure("median_pair", "6 the median test pair"),
+        tuning=dataset_figure("tuning", "6 tuning on the val split"),
+        example=dataset_figure("median_pair", "7 the median test pair"),
         table=report(f"{RESULTS}/report/{{dataset}}/leaderboard.html", caption="../report/leaderboard.rst",
                      category="{dataset}", labels={"figure": "1 leaderboard"}),
         facts=f"{RESULTS}/report/{{dataset}}/figures.json",
@@ -27,6 +28,7 @@ rule report_dataset:
         results=lambda wildcards, input: os.path.dirname(os.path.dirname(input.board)),
         prepared=prepared_folder,
         methods=",".join(METHODS),
+        lock=named_lock_file,
     threads: CONFIG["torch_threads"]
     resources:
         **job_resources("report_dataset"),
@@ -34,7 +36,8 @@ rule report_dataset:
         f"{RESULTS}/logs/{{dataset}}/report.log",
     shell:
         "python -m regbench.report.page dataset --results {params.results} --prepared {params.prepared}"
-        " --dataset {wildcards.dataset} --methods {params.methods} --settings {params.settings:q} > {log} 2>&1"
+        " --dataset {wildcards.dataset} --methods {params.methods} --settings {params.settings:q}"
+        " --lock {params.lock:q} > {log} 2>&1"
 
 
 rule report:
