@@ -21,31 +21,31 @@ the inverse network turns a flow into an approximate inverse by sampling its neg
 ``F~_BA = -F_AB o (id + F_AB)`` (:func:`regbench.blocks.losses.self_sampled_inverse`, also :meth:`ICNetModel.inverse`),
 and each direct flow is compared with the inverse made from the other direction.
 
-Other choices:
+The network is the code's ``ModelFlow_stride`` layer for layer (c = 8; convolutions 3^d without bias, ReLU, no
+normalisation; transposed-convolution upsampling with bias; a 1^d convolution without bias, then tanh).
 
-- The network is the code's ``ModelFlow_stride`` layer for layer (c = 8; convolutions 3^d without bias,
-  ReLU, no normalisation; transposed-convolution upsampling with bias; a 1^d convolution without bias and
-  tanh). Its channels follow regbench's array-axis order instead of the code's (x, y, z); a transposed
-  convolution's output is cropped to its skip's size, so any image size works (the code needs multiples of 16).
-- Warping is regbench's (``align_corners=True`` in voxel units), the exact equivalent of the code's grid
-  normalisation at HEAD; linear, zero padding, as the code. Batches of any size (the code: batch 1 only).
-- Both directions run as one forward pass of a batch of 2B (no batch statistics, so it is the same network).
-- The data loader's robust min-max scaling is left to the dataset (images are in [0, 1]); the z-score is
-  done here (``zscore``), on what the network sees and on what the similarity compares.
+Geometry. The code trains on affinely pre-aligned 144 x 192 x 160 volumes of 1 mm voxels (its example images),
+so its bound of 7 voxels is 7 mm, and its smoothness and anti-folding terms count 1 mm voxels. Here the bound is
+``range_flow_mm`` (7) and the network runs on isotropic voxels of ``working_spacing_mm`` (1): a dataset of other
+voxels (IXI's 1.2 mm, LPBA40's 0.86 x 1.5 x 0.86 mm) is resampled onto a grid of that spacing holding its whole
+field of view, ``F = (range_flow_mm / working_spacing_mm) tanh(net)`` voxels of that grid, and the displacement is
+brought back to the dataset's voxels in mm (:meth:`Method.working_grid`). A dataset of 1 mm voxels (embedded2d,
+OASIS) is its own working grid. Where this file departs from the paper and the code: ``Method.deviations``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from regbench import RegistrationMethod
+from regbench import Deviation, RegistrationMethod, WorkingGrid
 from regbench.blocks.losses import (INVERSE_CONSISTENCY_VARIANTS, antifolding_loss, gradient_smoothness,
                                     inverse_consistency_loss, mse, self_sampled_inverse)
 from regbench.blocks.spatial import warp
 
 _COMMON = {
     "start_channel": 8,                   # c of ModelFlow_stride
-    "range_flow": 7.0,                    # displacement bound (voxels): F = range_flow * tanh(.)
+    "working_spacing_mm": 1.0,            # isotropic voxels the network runs on (the code's data: 1 mm)
+    "range_flow_mm": 7.0,                 # displacement bound: the code's range_flow, 7 voxels of 1 mm
     "zscore": True,                       # per-image z-score before the network and the similarity
     "similarity_weight": 1.0,             # MSE, both directions
     "smoothness_weight": 0.5,             # code default (suggested 0.1-10)
@@ -71,11 +71,9 @@ class Method(RegistrationMethod):
             "checkpoint_every": 4000,
             "log_every": 100,
         },
-        # The default CPU run (embedded2d, 176 x 176): the same network, loss and weights with twice the step
-        # size, 500 steps (0.15 s of one CPU thread a step, 75 s in all). range_flow stays 7 voxels (the slices
-        # are 176 voxels wide, the code's volumes 144-192). Mean test Dice (22 pairs) 0.602 unregistered ->
-        # 0.694 after 500 steps (0.684 after 800; lr 2e-3: 0.679 after 500). The anti-folding term stays 0:
-        # the quick run's fields do not fold.
+        # The default CPU run (embedded2d, 176 x 176 at 1 mm, its own working grid): the same network, loss and
+        # weights with twice the step size, 500 steps (0.15 s of one CPU thread a step, 75 s in all). The
+        # anti-folding term stays 0: the quick run's fields do not fold.
         "quick": {
             **_COMMON,
             "iterations": 500,
@@ -85,12 +83,58 @@ class Method(RegistrationMethod):
             "log_every": 10,
         },
     }
+    deviations = (
+        Deviation("No affine pre-alignment: pairs are registered as the dataset gives them",
+                  "The code registers linearly pre-aligned pairs (its README: 'the image pairs must be linearly "
+                  "aligned'), so its 7 mm bound only has to cover what an affine map leaves. OASIS (aligned_norm) "
+                  "and the embedded data are aligned or nearly (2 degrees, 1.5 mm); IXI and LPBA40 are not, and "
+                  "there a misalignment beyond range_flow_mm is out of the network's reach."),
+        Deviation("The network sees the dataset's field of view at 1 mm, not the code's 144 x 192 x 160 crop",
+                  "Its bound (7 voxels = 7 mm), smoothness and anti-folding count the code's 1 mm voxels; a "
+                  "dataset of other voxels is resampled linearly onto the 1 mm grid that holds its field of view "
+                  "(working_spacing_mm) and the displacement brought back in mm. Only the extent of background "
+                  "around the head differs.", changes_results=False),
+        Deviation("No robust min-max scaling nor histogram matching before the z-score",
+                  "The code scales each image to [0, 1] between its 0.01 % lowest and highest values, and its "
+                  "README advises matching histograms to one of its images (the similarity is MSE); here images "
+                  "come in [0, 1] as their dataset scales them, and only the per-image z-score is the code's."),
+        Deviation("Inverse consistency by composition (the code since December 2020), not the paper's inverse "
+                  "network", "The code's 'backward mapping' commit compares F_AB with -F_BA o (id + F_AB); the "
+                  "paper, as third-party notes read it (unverified), compares F_BA with the approximate inverse "
+                  "-F_AB o (id + F_AB) made by its inverse network: inverse_consistency: inverse_network."),
+        Deviation("Anti-folding penalises every component along every axis, as the code",
+                  "The paper's argument (third-party notes; its exponent unverified) keeps the order of "
+                  "neighbours along each axis, component i along axis i only: antifold_components: diagonal."),
+        Deviation("The loss weights are the code's defaults (0.5, 0.05, 1e5)",
+                  "The paper's alpha, beta and gamma could not be verified; the code's defaults are its "
+                  "published training setting.", changes_results=False),
+        Deviation("Displacement channels follow the array axes, not the code's (x, y, z)",
+                  "regbench's displacement convention: the same network up to the order of its output channels.",
+                  changes_results=False),
+        Deviation("A transposed convolution's output is cropped to its skip's size",
+                  "Any grid size runs (the code needs multiples of 16); nothing is cropped on multiples of 16 (the "
+                  "code's 144 x 192 x 160, embedded2d, OASIS).", changes_results=False),
+        Deviation("Warping with align_corners=True in voxel units, batches of any size, both directions in one "
+                  "pass", "The exact equivalent of the code's grid normalisation at HEAD ((q - (S - 1) / 2) 2 / S "
+                  "with align_corners=False), linear with zero padding as the code; the code takes one pair a "
+                  "step and calls the network twice (it has no batch statistics).", changes_results=False),
+        Deviation("Quick recipe: Adam at 1e-3, twice the code's 5e-4, for 500 steps",
+                  "A CPU budget; the network, loss and weights are the paper recipe's.", recipes=("quick",)),
+    )
 
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         if recipe["inverse_consistency"] not in INVERSE_CONSISTENCY_VARIANTS:
             raise ValueError(f"icnet: inverse_consistency must be one of {INVERSE_CONSISTENCY_VARIANTS}, "
                              f"got {recipe['inverse_consistency']!r}")
-        return ICNetModel(ndim, int(recipe["start_channel"]), float(recipe["range_flow"]), recipe["padding_mode"])
+        return ICNetModel(ndim, int(recipe["start_channel"]), range_flow_voxels(recipe), recipe["padding_mode"])
+
+    def working_grid(self, ndim: int, recipe: dict) -> WorkingGrid:
+        """The dataset's field of view on isotropic voxels of ``working_spacing_mm`` (regbench.geometry fits the
+        grid's size), where the network runs and its bound is ``range_flow_mm``; a dataset of such voxels is run
+        as it is."""
+        if recipe["working_spacing_mm"] <= 0:
+            raise ValueError(f"icnet: working_spacing_mm must be > 0, got {recipe['working_spacing_mm']}")
+        return WorkingGrid(None, (float(recipe["working_spacing_mm"]),) * ndim)
 
     def loss_terms(self, net: nn.Module, batch: dict, recipe: dict) -> dict:
         a, b = _prepare(batch["moving"], recipe), _prepare(batch["fixed"], recipe)
@@ -111,6 +155,15 @@ class Method(RegistrationMethod):
     def register(self, net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, recipe: dict) -> torch.Tensor:
         with torch.no_grad():
             return net(_prepare(moving, recipe), _prepare(fixed, recipe))
+
+
+def range_flow_voxels(recipe: dict) -> float:
+    """The bound of ``F`` in voxels of the working grid: ``range_flow_mm / working_spacing_mm`` (the code: 7)."""
+    if recipe["working_spacing_mm"] <= 0 or recipe["range_flow_mm"] <= 0:
+        raise ValueError(f"icnet: working_spacing_mm and range_flow_mm must be > 0, got "
+                         f"{recipe['working_spacing_mm']} and {recipe['range_flow_mm']}")
+    return recipe["range_flow_mm"] / recipe["working_spacing_mm"]
+
 
 
 def _prepare(image: torch.Tensor, recipe: dict) -> torch.Tensor:
@@ -135,7 +188,8 @@ def _up(ndim: int, channels: int) -> nn.Sequential:
 
 
 class ICNetModel(nn.Module):
-    """``ModelFlow_stride``: (A, B) -> F_AB = range_flow * tanh(...), ``B x ndim x *spatial`` (voxels)."""
+    """``ModelFlow_stride``: (A, B) -> F_AB = range_flow * tanh(...), ``B x ndim x *spatial`` (voxels of the grid
+    it runs on; ``range_flow`` in those voxels)."""
 
     def __init__(self, ndim: int, start_channel: int = 8, range_flow: float = 7.0, padding_mode: str = "zeros"):
         super().__init__()

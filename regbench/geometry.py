@@ -8,7 +8,8 @@ resampled onto that grid and scores it on the dataset's own grid, through one :c
   are in mm, voxel centres at ``(i - (n - 1) / 2) * spacing`` (corner-aligned sampling, as regbench.blocks.spatial);
 - the working grid's spacing is given, or (``spacing=None``) the smallest isotropic spacing whose grid holds
   every voxel centre of the dataset's grid: the papers' "resize the volume to 128^3" with the aspect ratio kept
-  (the rest of the cube is padding, intensity 0, label 0);
+  (the rest of the cube is padding, intensity 0, label 0); or its shape is left open (``shape=None``) and is the
+  smallest grid of the given spacing that holds the dataset's field of view (ICNet's 1 mm voxels);
 - images and label maps are resampled linearly and by nearest neighbour; a displacement (voxels of the working
   grid) is turned into mm, resampled linearly at the dataset's voxel centres, and turned into the dataset's
   voxels, so ``warped(x) = moving(x + u(x))`` holds in physical space on both grids.
@@ -17,6 +18,7 @@ Downsampling is plain linear interpolation (no anti-aliasing filter), as the pap
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,23 +27,28 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class WorkingGrid:
-    """Where a network runs: ``shape`` voxels of ``spacing`` mm (None: isotropic, fitted to the dataset's grid)."""
+    """Where a network runs: ``shape`` voxels of ``spacing`` mm. ``spacing=None``: isotropic, the smallest that fits
+    the dataset's field of view into ``shape``; ``shape=None``: the smallest grid of ``spacing`` that holds it."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     spacing: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if not self.shape or any(int(n) < 2 for n in self.shape):
+        if self.shape is None and self.spacing is None:
+            raise ValueError("a working grid needs a shape, a spacing or both")
+        if self.shape is not None and (not self.shape or any(int(n) < 2 for n in self.shape)):
             raise ValueError(f"working grid shape {self.shape}: every axis needs at least 2 voxels")
-        if self.spacing is not None and (len(self.spacing) != len(self.shape) or any(s <= 0 for s in self.spacing)):
+        if self.spacing is not None and (any(s <= 0 for s in self.spacing)
+                                         or (self.shape is not None and len(self.spacing) != len(self.shape))):
             raise ValueError(f"working grid spacing {self.spacing} must give one positive size per axis of {self.shape}")
 
     def describe(self) -> str:
-        """``128x128x128 (isotropic, fitted)`` or ``64x64 @ 1x1 mm``: what eval.json and the leaderboard show."""
+        """``128x128x128 (isotropic, fitted)``, ``64x64 @ 1x1 mm`` or ``1x1 mm voxels, fitted``."""
+        spacing = None if self.spacing is None else "x".join(f"{s:g}" for s in self.spacing)
+        if self.shape is None:
+            return f"{spacing} mm voxels, fitted"
         shape = "x".join(str(int(n)) for n in self.shape)
-        if self.spacing is None:
-            return f"{shape} (isotropic, fitted)"
-        return f"{shape} @ {'x'.join(f'{s:g}' for s in self.spacing)} mm"
+        return f"{shape} (isotropic, fitted)" if spacing is None else f"{shape} @ {spacing} mm"
 
 
 class GridAdapter:
@@ -56,12 +63,21 @@ class GridAdapter:
         if len(self.source_spacing) != len(self.source_shape):
             raise ValueError(f"spacing {spacing} does not match the grid {shape}")
         self.grid = grid
+        if grid is not None and len(grid.shape if grid.shape is not None else grid.spacing) != len(self.source_shape):
+            raise ValueError(f"working grid {grid.describe()} has another number of axes than the dataset's grid "
+                             f"{self.source_shape}")
+        if grid is not None and grid.shape is None:
+            # the smallest grid of that spacing, centred alike, that holds every voxel centre of the dataset's
+            shape = tuple(math.ceil((n - 1) * s / h - 1e-6) + 1
+                          for n, s, h in zip(self.source_shape, self.source_spacing, grid.spacing))
+            if shape == self.source_shape and all(math.isclose(s, h, rel_tol=1e-6)
+                                                  for s, h in zip(self.source_spacing, grid.spacing)):
+                grid = self.grid = None   # the dataset's own grid: nothing to resample
+            else:
+                grid = self.grid = WorkingGrid(shape, tuple(float(h) for h in grid.spacing))
         if grid is None:
             self.shape, self.spacing = self.source_shape, self.source_spacing
             return
-        if len(grid.shape) != len(self.source_shape):
-            raise ValueError(f"working grid {grid.shape} has {len(grid.shape)} axes, the dataset's grid "
-                             f"{self.source_shape} has {len(self.source_shape)}")
         self.shape = tuple(int(n) for n in grid.shape)
         if grid.spacing is None:
             fitted = max((n - 1) * s / (m - 1) for n, s, m in zip(self.source_shape, self.source_spacing, self.shape))

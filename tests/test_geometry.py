@@ -30,6 +30,10 @@ def test_fitted_spacing_is_isotropic_and_holds_the_whole_field_of_view():
     assert anisotropic.spacing == pytest.approx((59 * 3 / 63,) * 2)   # 177 mm along axis 1
     assert GridAdapter((100, 60), (1.0, 3.0), WorkingGrid((64, 64), (2.0, 2.0))).spacing == (2.0, 2.0)
     assert GridAdapter((100, 60), (1.0, 3.0), None).spacing == (1.0, 3.0)
+    # a spacing and no shape: the smallest grid of that spacing that holds the field of view (63 x 0.5 = 31.5 mm)
+    fitted = GridAdapter((64, 48), (0.5, 0.5), WorkingGrid(None, (1.0, 1.0)))
+    assert fitted.active and fitted.shape == (33, 25) and fitted.spacing == (1.0, 1.0)
+    assert not GridAdapter((64, 48), (1.0, 1.0), WorkingGrid(None, (1.0, 1.0))).active   # already that grid
 
 
 @pytest.mark.parametrize("shape, spacing, working", [((40, 28), (1.0, 2.5), (32, 32)),

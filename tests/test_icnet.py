@@ -24,7 +24,19 @@ def build(method, ndim, **overrides):
 
 
 def translation(shape, vector):
-    return torch.tensor(vector, dtype=torch.float32).view(1, len(shape), *([1] * len(shape))).expand(1, len(shape), *shape).clone()
+    vector = torch.tensor(vector, dtype=torch.float32).view(1, len(shape), *([1] * len(shape)))
+    return vector.expand(1, len(shape), *shape).clone()
+
+
+class Constant(torch.nn.Module):
+    """Stands in for the output convolution: a fixed pre-tanh field."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = torch.nn.Parameter(value)
+
+    def forward(self, features):
+        return self.value.expand(features.shape[0], *self.value.shape[1:])
 
 
 def test_recipes_hold_the_codes_numbers(icnet):
@@ -32,7 +44,9 @@ def test_recipes_hold_the_codes_numbers(icnet):
     assert set(TRAINING_KEYS) <= set(paper) and set(paper) == set(quick)
     assert (paper["smoothness_weight"], paper["inverse_weight"], paper["antifold_weight"]) == (0.5, 0.05, 1e5)
     assert (paper["lr"], paper["batch_size"], paper["iterations"]) == (5e-4, 1, 20_001)
-    assert (paper["start_channel"], paper["range_flow"], paper["zscore"]) == (8, 7.0, True)
+    assert (paper["start_channel"], paper["zscore"]) == (8, True)
+    # Train.py: range_flow = 7 voxels of its 1 mm images
+    assert (paper["range_flow_mm"], paper["working_spacing_mm"]) == (7.0, 1.0) and build(icnet, 3)[0].range_flow == 7.0
     assert (paper["inverse_consistency"], paper["antifold_components"], paper["padding_mode"]) == (
         "composition", "all", "zeros")
     # the quick recipe changes the budget only
@@ -64,9 +78,44 @@ def test_flows_are_bounded_and_have_the_fixed_images_shape(icnet, shape):
     fixed, moving = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
     u = icnet.register(net, fixed, moving, recipe)
     assert u.shape == (2, ndim, *shape)
-    assert u.abs().max() <= recipe["range_flow"]
+    assert u.abs().max() <= 7.0
     terms = icnet.loss_terms(net, {"fixed": fixed, "moving": moving}, recipe)
     assert all(torch.isfinite(value) for _, value in terms.values())
+
+
+@pytest.mark.parametrize("shape, spacing", [((64, 48), (0.5, 0.5)),          # twice the code's voxels per mm
+                                             ((40, 30), (1.0, 2.0)),          # anisotropic
+                                             ((20, 18, 16), (1.2, 1.2, 1.2))])  # IXI's voxels
+def test_the_largest_displacement_is_seven_mm_on_any_grid(icnet, shape, spacing):
+    # the code's bound is 7 voxels of its 1 mm images: with tanh saturated, every vector is 7 mm long along each
+    # axis on the dataset's grid, whatever its voxels (on a 0.5 mm grid: 14 voxels, not 7)
+    net, recipe = build(icnet, len(shape))
+    adapter = icnet.grid_adapter(shape, spacing, recipe)
+    assert adapter.active and adapter.spacing == (1.0,) * len(shape)
+    for sign in (1.0, -1.0):
+        net.out = Constant(torch.full((1, len(shape), *adapter.shape), 20.0 * sign))  # tanh(20) = 1
+        fixed, moving = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+        u = icnet.register_on_dataset_grid(net, fixed, moving, recipe, adapter)
+        assert u.shape == (1, len(shape), *shape)
+        millimetres = u * torch.tensor(spacing).view(1, -1, *([1] * len(shape)))
+        torch.testing.assert_close(millimetres, torch.full_like(u, 7.0 * sign))
+
+
+def test_the_working_grid_holds_the_datasets_field_of_view_at_1_mm(icnet):
+    recipe = icnet.recipe("quick")
+    # embedded2d and OASIS: 1 mm voxels, their own working grid (nothing resampled, the quick run unchanged)
+    assert not icnet.grid_adapter((176, 176), (1.0, 1.0), recipe).active
+    assert not icnet.grid_adapter((160, 192, 224), (1.0, 1.0, 1.0), recipe).active
+    # 63 x 0.5 = 31.5 mm and 47 x 0.5 = 23.5 mm between the first and last voxel centres: 33 x 25 voxels of 1 mm
+    assert icnet.grid_adapter((64, 48), (0.5, 0.5), recipe).shape == (33, 25)
+    # IXI (160 x 192 x 160 at 1.2 mm: 190.8 x 229.2 x 190.8 mm)
+    assert icnet.grid_adapter((160, 192, 160), (1.2,) * 3, recipe).shape == (192, 231, 192)
+    # another working spacing keeps the bound in mm: 7 mm = 3.5 voxels of 2 mm
+    coarse = icnet.recipe("quick", {"working_spacing_mm": 2.0})
+    assert icnet.build(2, coarse).range_flow == 3.5
+    assert icnet.grid_adapter((64, 48), (1.0, 1.0), coarse).shape == (33, 25)
+    with pytest.raises(ValueError, match="working_spacing_mm"):
+        icnet.build(2, icnet.recipe("quick", {"working_spacing_mm": 0.0}))
 
 
 def test_one_network_gives_both_directions(icnet):
@@ -104,8 +153,10 @@ def test_the_two_versions_differ_where_the_flow_varies():
                                                         align_corners=True).split(1)
     composition = inverse_consistency_loss(forward, backward, "composition")
     network = inverse_consistency_loss(forward, backward, "inverse_network")
-    torch.testing.assert_close(composition, mse(forward, -warp(backward, forward)) + mse(backward, -warp(forward, backward)))
-    torch.testing.assert_close(network, mse(backward, self_sampled_inverse(forward)) + mse(forward, self_sampled_inverse(backward)))
+    torch.testing.assert_close(composition,
+                               mse(forward, -warp(backward, forward)) + mse(backward, -warp(forward, backward)))
+    inverse_network = mse(backward, self_sampled_inverse(forward)) + mse(forward, self_sampled_inverse(backward))
+    torch.testing.assert_close(network, inverse_network)
     assert composition > 0 and network > 0 and not torch.isclose(composition, network)
 
 
@@ -131,15 +182,6 @@ def test_antifolding_by_hand():
     v = torch.zeros(1, 2, H, W)
     v[:, 1] = -1.5 * torch.arange(H, dtype=torch.float32)[:, None]
     assert antifolding_loss(v).item() == pytest.approx(0.03125) and antifolding_loss(v, "diagonal").item() == 0.0
-
-
-class Constant(torch.nn.Module):
-    def __init__(self, value):
-        super().__init__()
-        self.value = torch.nn.Parameter(value)
-
-    def forward(self, features):
-        return self.value.expand(features.shape[0], *self.value.shape[1:])
 
 
 def test_loss_terms_are_the_recipes_terms_with_its_weights(icnet):
