@@ -13,44 +13,26 @@ level's flow is scored: local NCC (9^d window) against the images resized to tha
 gradient penalty, an affine penalty; plus Dice of the warped one-hot training labels at full
 resolution (lambda = 5), L2 weight decay (1e-3) and an L1 activity penalty (0.1) on the affine outputs.
 Training runs in three phases (pre-training, multi-task training, per-task fine-tuning) with their
-own smoothness and affine weights. Official code: github.com/ngunnar/learning-a-deformable-registration-pyramid
-(TensorFlow); this file follows it (spec/methods/pyramid.md), with these choices:
+own smoothness and affine weights; every image is resized to 64^3 and the flow predicted there.
 
-- **Affine penalty.** The code penalises ``mean((a - vec[I|0])^2)`` of the *raw* 12-vector ``a``, while
-  the layer uses ``T = [I|0] + a``: that pulls the effective matrix towards ``2 I`` (and fights the
-  activity penalty, which pulls ``a`` to 0). We take the intended ``mean(a^2)``, i.e. ``T -> [I|0]``
-  (``affine_penalty = "intended"``, both recipes); ``"coded"`` gives the code's version.
-- **Context network.** The config turns it off, but an index quirk (the loop counter compared with
-  ``last = 1``) applies it once, at the coarsest level: ``context = "coarsest"`` (both recipes);
-  ``"finest"`` moves it to level 0 as in PWC-Net, ``"every"`` is the code's ``use_context_net=True``,
-  ``"none"`` drops it.
-- **Working grid.** The paper resizes every image to 64^3 and predicts the flow there; ``grid_size``
-  (voxels along every axis; 0 = the native grid) does the same, with corner-aligned linear resizing
-  (skimage's is centre-aligned), and the flow is resized back to the native grid and rescaled by
-  (S - 1) / (s - 1) per axis (the code: S / 64). Labels for the Dice term are resized as one-hot maps
-  (linear) and rounded, as in the code.
+Official code: github.com/ngunnar/learning-a-deformable-registration-pyramid (TensorFlow 2), which this file
+follows (spec/methods/pyramid.md) where the paper is silent:
+
 - The affine 3 x 4 (2 x 3 in 2D) matrix acts on the *displacement vectors*, ``u_hat = T[:, :d] u + T[:, d]``,
-  not on coordinates (the code's ``TransformAffineFlow``). Warps interpolate linearly, in voxels, and
-  continue the image beyond its border (the code's neuron transformer clamps): ``padding_mode="border"``.
-- Level l's images for its similarity term are the working images linearly resized to the level's grid
-  (corner-aligned, as neuron's ``Resize``); the level's grid is the pyramid's, ceil(s / 2^l).
-- Convolutions start He-normal (Keras' truncated normal), the flow heads and upsampling convs included (so
-  an untrained pyramid predicts a random flow, not the identity), biases 0, the context network's output
-  conv Glorot-uniform (Keras' default); BatchNorm takes Keras' eps 1e-3 and ``bn_momentum`` (paper: 0.01 in
-  PyTorch's convention = Keras' 0.99).
-- Weight decay is a loss term, ``1e-3 * sum ||W||^2`` over every conv kernel (and the context output's
-  bias), as Keras' kernel regularisers; the activity penalty is ``0.1 * mean_b sum_k |a_bk|`` per level
-  (Keras divides it by the batch size).
-- Phases are training stages (a fresh Adam each, as the separate scripts). ``phase_iterations`` give their
-  proportions (the code's epochs x pairs for one task, batch 1), scaled to ``iterations``; each phase's
-  rate is ``lr`` times its factor. Not reproduced: pre-training on a 50-pair subset, the fine-tuning
-  script's step-decay learning rate (and its start from the pre-trained rather than the multi-task
-  weights), and joint training over three tasks (one dataset here).
-- Dice runs over the dataset's evaluation labels (the code: 14 one-hot classes less the background),
-  counting only labels present in the fixed image (regbench.blocks.losses.present_label_dice_loss).
-- Intensities: regbench's datasets are already in [0, 1] (``normalisation = "none"``); ``"joint"`` (tasks 2,
-  3: both images by the fixed one's min and max) and ``"separate"`` (task 4) are the code's. Flips and
-  swapped pair directions (the code's task-2 augmentation) are ``flip_augmentation``.
+  not on coordinates (``TransformAffineFlow``). Warps interpolate linearly, in voxels, and continue the image
+  beyond its border (neuron's transformer clamps): ``padding_mode="border"``.
+- Convolutions pad as Keras' 'same' (``tf_same_padding``): symmetrically at stride 1, one voxel after an even
+  axis at stride 2. Kernels start He-normal (Keras' truncated normal), flow heads and upsampling convs
+  included, biases 0, the context network's output conv Glorot-uniform; BatchNorm takes Keras' eps 1e-3.
+- Level l's images for its similarity term are the working images linearly resized to the level's grid,
+  ceil(s / 2^l) (corner-aligned, as neuron's ``Resize``). Weight decay is a loss term, ``1e-3 sum ||W||^2``
+  over every conv kernel (and the context output's bias), as Keras' kernel regularisers; the activity penalty
+  is ``0.1 mean_b sum_k |a_bk|`` per level (Keras divides it by the batch size).
+- The phases have the scripts' steps at batch 1 (epochs x pairs: 500 x 150, 100 x 900, 100 x 300), scaled
+  to ``iterations`` (``phase_iterations``), a fresh Adam each as separate scripts, at ``lr`` times
+  ``phase_lr_factors``; the fine-tuning's rate halves every tenth down to 1/16, twice (``phase_lr_schedules``).
+
+Where it departs from the paper and the code (each a recipe key where that is cheap): ``Method.deviations``.
 """
 from __future__ import annotations
 
@@ -61,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import RegistrationMethod
+from regbench import Deviation, RegistrationMethod
 from regbench.blocks.cost_volume import correlation_offsets, cost_volume
 from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, present_label_dice_loss
 from regbench.method import TrainingStage
@@ -83,8 +65,9 @@ _COMMON = {
     "ncc_window": 9,
     "similarity_weights": [5 * w for w in _HALVING],   # gamma_l, every phase
     "phases": ["pretrain", "multitask", "finetune"],
-    "phase_iterations": [25_000, 30_000, 30_000],      # proportions, scaled to `iterations`
+    "phase_iterations": [75_000, 90_000, 30_000],      # the scripts' steps, proportions scaled to `iterations`
     "phase_lr_factors": [1.0, 0.5, 0.5],               # 1e-4, 5e-5, 5e-5
+    "phase_lr_schedules": ["constant", "constant", "halving"],  # "halving": the fine-tuning's LR_scheduler
     "smoothness_weights": [[2 * w for w in _HALVING], [10 * w for w in _HALVING], [1 * w for w in _HALVING]],
     "affine_weights": [[0.0] * 5, [1.0, 2.0, 4.0, 8.0, 16.0], [0.0] * 5],
     "affine_penalty": "intended",             # "intended": mean(a^2); "coded": mean((a - vec[I|0])^2)
@@ -102,11 +85,12 @@ class Method(RegistrationMethod):
                 "Segmentation, Classification, and Registration of Multi-modality Medical Imaging Data "
                 "(MICCAI 2020 challenges, Learn2Reg), Springer LNCS, 2021, doi:10.1007/978-3-030-71827-5_10.")
     recipes = {
-        # The code's three scripts at 64^3, batch 1 (one GPU): 500 epochs x 50 pairs at 1e-4, then
-        # 100 x 300 at 5e-5 (starting from the pre-trained weights), then 100 x 300 at 5e-5.
+        # The code's three scripts at 64^3, batch 1 (one GPU), one after the other: pre-training, 500 epochs of
+        # 50 pairs from each of three tasks at 1e-4 (75k steps); multi-task training, 100 epochs of 300 pairs a
+        # task at 5e-5 (90k); fine-tuning, 100 epochs of one task's 300 pairs at 5e-5, halving (30k).
         "paper": {
             **_COMMON,
-            "iterations": 85_000,
+            "iterations": 195_000,
             "batch_size": 1,
             "lr": 1e-4,
             "checkpoint_every": 1000,
@@ -114,10 +98,8 @@ class Method(RegistrationMethod):
         },
         # The default CPU run (embedded2d, 176 x 176 slices, 2 threads): the spec's small configuration in
         # 2D (channels halved, thinner estimators, d = 2: 25 channels) on an 88 x 88 working grid, every loss
-        # term and all three phases, batch 1 and a 40x step size. On a small embedded2d (8 training subjects
-        # a template, 4 test pairs), mean test Dice 0.558 unregistered -> 0.68 after 200 steps, 0.77 after
-        # 500, 0.81 after 800 (117 s of CPU time on one thread, about 0.15 s a step); at 500 steps lr 1e-3
-        # gave 0.73 and 2e-3 0.76.
+        # term and all three phases (308, 369 and 123 steps), batch 1 and a 40x step size: about 0.15 s a step
+        # on one CPU thread; mean Dice of embedded2d's 4 val pairs 0.63 unregistered, 0.83 registered.
         "quick": {
             **_COMMON,
             "grid_size": 88,
@@ -134,6 +116,51 @@ class Method(RegistrationMethod):
         },
     }
 
+    deviations = (
+        Deviation("The affine penalty is mean(a^2): the effective matrix is pulled to [I|0]",
+                  "The code's Affine_loss, mean((a - vec[I|0])^2) on the raw outputs a of T = [I|0] + a, pulls T "
+                  "to [2I|0] against the activity penalty, which pulls a to 0; regbench takes the evident intent "
+                  "(affine_penalty 'coded' gives the code's). Which one the paper means is unverified."),
+        Deviation("The context network refines the coarsest level's flow",
+                  "The code's: its config turns the network off, but an index quirk applies it once, at level 4; "
+                  "PWC-Net puts it at the finest level ('finest'), and whether the paper means either is "
+                  "unverified. The row runs what the code computes.", changes_results=False),
+        Deviation("Images are resized to the working cube corner-aligned, the flow back by (S - 1) / (s - 1)",
+                  "The code resizes with skimage (centre-aligned) and multiplies the flow by S / 64; corner "
+                  "alignment keeps the end voxels of both grids on each other, so the rescaled flow is exact. A "
+                  "sub-voxel difference."),
+        Deviation("One dataset: no joint training over three tasks; pre-training draws from every training pair",
+                  "The scripts pre-train on 50 pairs of each of Learn2Reg tasks 2, 3 and 4, train on up to 300 of "
+                  "each, then fine-tune on one task; regbench trains every phase on the dataset's training pairs, "
+                  "with the scripts' step counts (phase_iterations 75k : 90k : 30k)."),
+        Deviation("Fine-tuning continues from the multi-task weights",
+                  "The README runs the scripts in that order, but the multi-task and the fine-tuning scripts both "
+                  "load the pre-trained weights ('pretrained_best'), so the scripts' fine-tuned model never saw the "
+                  "multi-task phase. phase_iterations [75000, 0, 30000] gives that path (the affine penalty, on in "
+                  "the multi-task phase only, then never acts)."),
+        Deviation("Adam restarts where the fine-tuning's rate rises, at mid-phase",
+                  "The script's LR_scheduler goes back from 1/16 to 1/2 of the rate at epoch 50 of 100 and Keras "
+                  "keeps Adam's moments; a regbench stage's rate can only fall (TrainingStage.lr_decay), so the "
+                  "phase is two stages and the second starts a fresh Adam."),
+        Deviation("The weights after the last step are evaluated",
+                  "The scripts keep the epoch with the lowest training loss (ModelCheckpoint, save_best_only on "
+                  "'loss')."),
+        Deviation("Batch 1: the paper recipe assumes one GPU",
+                  "The scripts run batch 1 per GPU under MirroredStrategy (their -gpus default names four: batch "
+                  "4, a quarter of the steps); the submission's GPU count is unverified. One GPU sees the same "
+                  "pairs in four times the steps.", recipes=("paper",)),
+        Deviation("Intensities as the dataset serves them (normalisation 'none')",
+                  "The code min-max scales both images by the fixed image's range (tasks 2, 3) or each by its own "
+                  "(task 4, brain MR: 'separate'); regbench's images lie in [0, 1] but need not span it, so the "
+                  "network can see another intensity scale."),
+        Deviation("Dice over the dataset's evaluation labels",
+                  "The code's one-hot maps have Learn2Reg's 14 classes; as there, the background is left out and "
+                  "only labels present in the fixed image count.", changes_results=False),
+        Deviation("BatchNorm momentum 0.1 (Keras 0.9) in the quick recipe",
+                  "The running statistics follow the last ~10 steps, not ~100 (Keras' 0.99, paper recipe): the "
+                  "quick recipe's weights move fast (40x the rate, 800 steps).", recipes=("quick",)),
+    )
+
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         _check_recipe(recipe)
         return PyramidNet(ndim, recipe["pyramid_channels"], recipe["dense_growth"], recipe["upsampled_features"],
@@ -142,12 +169,11 @@ class Method(RegistrationMethod):
 
     def training_stages(self, net: nn.Module, recipe: dict) -> list[TrainingStage]:
         parameters = list(net.parameters())
-        return [TrainingStage(recipe["phases"][phase], steps, parameters,
-                              recipe["lr"] * recipe["phase_lr_factors"][phase])
-                for phase, steps in _phase_steps(recipe)]
+        return [TrainingStage(stage.name, stage.steps, parameters, recipe["lr"] * stage.lr_factor,
+                              lr_decay=stage.lr_decay) for stage in _stages(recipe)]
 
     def start_stage(self, net: nn.Module, index: int, recipe: dict) -> None:
-        net.phase = _phase_steps(recipe)[index][0]
+        net.phase = _stages(recipe)[index].phase
 
     def loss_terms(self, net: nn.Module, batch: dict, recipe: dict) -> dict:
         fixed, moving = batch["fixed"], batch["moving"]
@@ -228,10 +254,36 @@ class Prediction(NamedTuple):
     displacement: torch.Tensor  # u^0
 
 
+def tf_same_padding(size: int, kernel_size: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's 'same' padding along one axis of ``size`` voxels: ``(before, after)``.
+
+    The output has ceil(size / stride) voxels; the total ``max((out - 1) stride + (kernel_size - 1) dilation + 1
+    - size, 0)`` is split with the smaller half before. Stride 1 (odd kernel) pads symmetrically, as PyTorch's
+    ``padding=dilation``; stride 2 with a 3-kernel pads one voxel *after* an even axis, so output voxel i is
+    centred on input voxel 2i + 1 (PyTorch's symmetric padding centres it on 2i, half an output voxel away).
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class TFSamePad(nn.Module):
+    """Pads ``B x C x *spatial`` as TensorFlow's 'same' does before a (strided) convolution."""
+
+    def __init__(self, kernel_size: int, stride: int, dilation: int = 1):
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = [tf_same_padding(s, self.kernel_size, self.stride, self.dilation) for s in x.shape[2:]]
+        return F.pad(x, [p for pair in reversed(pads) for p in pair])   # F.pad lists the last axis first
+
+
 def _conv_layer(ndim: int, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1,
                 init: str = "he") -> nn.Module:
-    layer = getattr(nn, f"Conv{ndim}d")(in_channels, out_channels, 3, stride=stride, padding=dilation,
-                                         dilation=dilation)
+    """A 3^d convolution with Keras' 'same' padding (TFSamePad before a strided one) and Keras' initialisation."""
+    layer = getattr(nn, f"Conv{ndim}d")(in_channels, out_channels, 3, stride=stride,
+                                         padding=dilation if stride == 1 else 0, dilation=dilation)
     with torch.no_grad():
         if init == "he":  # Keras he_normal: truncated normal, std sqrt(2 / fan_in) after truncation at 2 sigma
             std = math.sqrt(2.0 / layer.weight[0].numel()) / 0.87962566103423978
@@ -239,7 +291,7 @@ def _conv_layer(ndim: int, in_channels: int, out_channels: int, stride: int = 1,
         else:             # Keras glorot_uniform
             nn.init.xavier_uniform_(layer.weight)
         layer.bias.zero_()
-    return layer
+    return layer if stride == 1 else nn.Sequential(TFSamePad(3, stride, dilation), layer)
 
 
 class CBlock(nn.Sequential):
@@ -428,7 +480,8 @@ class PyramidNet(nn.Module):
 def _check_recipe(recipe: dict) -> None:
     levels = len(recipe["pyramid_channels"]) + 1
     phases = len(recipe["phases"])
-    for key in ("phase_iterations", "phase_lr_factors", "smoothness_weights", "affine_weights"):
+    for key in ("phase_iterations", "phase_lr_factors", "phase_lr_schedules", "smoothness_weights",
+                "affine_weights"):
         if len(recipe[key]) != phases:
             raise ValueError(f"pyramid: {key} needs one entry per phase ({phases}), got {recipe[key]!r}")
     for key in ("smoothness_weights", "affine_weights"):
@@ -438,6 +491,9 @@ def _check_recipe(recipe: dict) -> None:
     if len(recipe["similarity_weights"]) != levels:
         raise ValueError(f"pyramid: similarity_weights needs one weight per level ({levels}), "
                          f"got {recipe['similarity_weights']!r}")
+    if any(schedule not in ("constant", "halving") for schedule in recipe["phase_lr_schedules"]):
+        raise ValueError(f"pyramid: phase_lr_schedules must each be 'constant' or 'halving', "
+                         f"got {recipe['phase_lr_schedules']!r}")
     if recipe["affine_penalty"] not in ("intended", "coded"):
         raise ValueError(f"pyramid: affine_penalty must be 'intended' or 'coded', got {recipe['affine_penalty']!r}")
     if recipe["normalisation"] not in ("none", "joint", "separate"):
@@ -457,6 +513,35 @@ def _phase_steps(recipe: dict) -> list[tuple[int, int]]:
         running += w
         bounds.append(round(running / total * iterations))
     return [(phase, end - start) for phase, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])) if end > start]
+
+
+class _Stage(NamedTuple):
+    phase: int             # index into the recipe's per-phase lists
+    name: str
+    steps: int
+    lr_factor: float       # the stage's starting rate, in units of the recipe's lr
+    lr_decay: tuple | None  # (milestones counted from the stage's start, factor): TrainingStage.lr_decay
+
+
+def _stages(recipe: dict) -> list[_Stage]:
+    """The training stages, a fresh Adam each: one a phase, or two for a phase with the ``"halving"`` schedule.
+
+    ``"halving"`` is the fine-tuning script's ``LR_scheduler``: over the tenths of the phase the rate is 1, 1/2,
+    1/4, 1/8, 1/16, then back up to 1/2, 1/4, 1/8, 1/16, 1/16 (times the phase's rate). A stage's rate can only
+    fall, so the phase is cut at its middle, where the rate rises: the second half starts a new Adam.
+    """
+    stages = []
+    for phase, steps in _phase_steps(recipe):
+        name, factor = recipe["phases"][phase], recipe["phase_lr_factors"][phase]
+        if recipe["phase_lr_schedules"][phase] == "constant":
+            stages.append(_Stage(phase, name, steps, factor, None))
+            continue
+        tenth = [round(k * steps / 10) for k in range(11)]
+        halves = (_Stage(phase, name, tenth[5], factor, (tenth[1:5], 0.5)),
+                  _Stage(phase, f"{name}-restart", steps - tenth[5], factor / 2,
+                         ([t - tenth[5] for t in tenth[6:9]], 0.5)))
+        stages.extend(stage for stage in halves if stage.steps > 0)
+    return stages
 
 
 def _grid(recipe: dict, native) -> tuple[int, ...]:

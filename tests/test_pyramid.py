@@ -8,6 +8,7 @@ from regbench.blocks.losses import gradient_smoothness, local_ncc, one_hot, pres
 from regbench.method import TRAINING_KEYS
 from regbench.plugins import load_method
 from regbench.blocks.spatial import warp
+from regbench.training.loop import _set_learning_rate
 from short_training import short_training
 
 torch.set_num_threads(1)
@@ -120,6 +121,51 @@ def test_cost_volume_rejects_bad_input():
         cost_volume(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), -1)
 
 
+# ------------------------------------------------------------------------------------- 'same' padding
+
+def test_tf_same_padding_by_hand(module):
+    # total = max((ceil(n / s) - 1) s + (k - 1) dilation + 1 - n, 0), the smaller half before
+    assert module.tf_same_padding(8, 3, 2) == (0, 1)       # out 4: 3 * 2 + 3 - 8 = 1
+    assert module.tf_same_padding(7, 3, 2) == (1, 1)       # out 4: 3 * 2 + 3 - 7 = 2
+    assert module.tf_same_padding(6, 5, 2) == (1, 2)       # out 3: 2 * 2 + 5 - 6 = 3
+    assert module.tf_same_padding(1, 3, 2) == (1, 1)
+    assert module.tf_same_padding(9, 3, 1) == (1, 1)       # stride 1: symmetric, as padding=1
+    assert module.tf_same_padding(9, 3, 1, dilation=4) == (4, 4)
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (8, 5, 6)])
+def test_strided_convolution_pads_as_tensorflow_same(module, shape):
+    ndim = len(shape)
+    x = torch.arange(float(torch.Size(shape).numel())).reshape(1, 1, *shape)
+    layer = module._conv_layer(ndim, 1, 1, stride=2)
+    conv = next(m for m in layer.modules() if isinstance(m, getattr(torch.nn, f"Conv{ndim}d")))
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[(0, 0) + (1,) * ndim] = 1.0                # the centre tap: out[i] = padded input[2i + 1]
+    out = layer(x)
+    assert out.shape[2:] == tuple((n + 1) // 2 for n in shape)
+    # output voxel i sits on input 2i + 1 along an even axis (TF pads after), on 2i along an odd one
+    centres = [torch.arange(m) * 2 + (1 if n % 2 == 0 else 0) for m, n in zip(out.shape[2:], shape)]
+    torch.testing.assert_close(out[0, 0], x[0, 0][torch.meshgrid(*centres, indexing="ij")])
+    # any kernel: an explicit F.pad with TF's (before, after) per axis, then a valid convolution
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    x = torch.rand(2, 1, *shape)
+    pads = {6: (0, 1), 7: (1, 1), 8: (0, 1), 5: (1, 1)}
+    padded = torch.nn.functional.pad(x, [p for n in reversed(shape) for p in pads[n]])
+    expected = getattr(torch.nn.functional, f"conv{ndim}d")(padded, conv.weight, conv.bias, stride=2)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_feature_pyramid_downsamples_with_tensorflow_padding(pyramid, module):
+    net, _ = build(pyramid, 2)
+    first = net.pyramid.levels[0][0]                          # CBlock(stride 2) of level 1
+    pad, conv = first[0]
+    assert isinstance(pad, module.TFSamePad) and conv.stride == (2, 2) and conv.padding == (0, 0)
+    assert all(block[0].padding == (1, 1) for level in net.pyramid.levels for block in list(level)[1:])
+
+
 # ---------------------------------------------------------------------------------------- loss terms
 
 def test_affine_penalties_and_activity_by_hand(module):
@@ -170,28 +216,49 @@ def test_recipes_hold_the_papers_numbers(pyramid):
     assert (paper["search_range"], paper["ncc_window"], paper["grid_size"], paper["context"]) == (2, 9, 64, "coarsest")
     assert paper["affine_penalty"] == "intended"
     assert [stage_lr * paper["lr"] for stage_lr in paper["phase_lr_factors"]] == [1e-4, 5e-5, 5e-5]
-    assert paper["phase_iterations"] == [25_000, 30_000, 30_000] and paper["iterations"] == 85_000
+    # steps of the scripts at batch 1: 500 epochs x 3 x 50 pairs, 100 x 3 x 300, 100 x 300
+    assert paper["phase_iterations"] == [75_000, 90_000, 30_000] and paper["iterations"] == 195_000
+    assert paper["phase_lr_schedules"] == ["constant", "constant", "halving"]
     # the quick recipe keeps every weighted term (and all three phases)
     for key in ("similarity_weights", "smoothness_weights", "affine_weights", "dice_weight", "weight_decay",
-                "affine_activity_weight", "phases", "phase_lr_factors", "affine_penalty", "search_range"):
+                "affine_activity_weight", "phases", "phase_iterations", "phase_lr_factors", "phase_lr_schedules",
+                "affine_penalty", "search_range"):
         assert quick[key] == paper[key], key
 
 
 def test_phases_scale_to_the_iterations_and_switch_the_weights(pyramid):
-    net, recipe = build(pyramid, 2, iterations=170)
+    net, recipe = build(pyramid, 2, iterations=195)
     stages = pyramid.training_stages(net, recipe)
-    assert [(s.name, s.iterations) for s in stages] == [("pretrain", 50), ("multitask", 60), ("finetune", 60)]
-    assert [s.lr for s in stages] == [recipe["lr"], recipe["lr"] / 2, recipe["lr"] / 2]
+    # the scripts' 75k : 90k : 30k steps; the fine-tuning's rate rises at mid-phase, so it is two stages
+    assert [(s.name, s.iterations) for s in stages] == [("pretrain", 75), ("multitask", 90), ("finetune", 15),
+                                                        ("finetune-restart", 15)]
+    assert [s.lr for s in stages] == [recipe["lr"], recipe["lr"] / 2, recipe["lr"] / 2, recipe["lr"] / 4]
     batch = labelled_batch((32, 32))
-    for index, (smoothness, affine) in enumerate(zip(recipe["smoothness_weights"], recipe["affine_weights"])):
+    for index, phase in enumerate([0, 1, 2, 2]):
         pyramid.start_stage(net, index, recipe)
         terms = pyramid.loss_terms(net, batch, recipe)
-        assert [terms[f"smoothness_{level}"][0] for level in range(5)] == smoothness
-        assert [terms[f"affine_{level}"][0] for level in range(5)] == affine
+        assert [terms[f"smoothness_{level}"][0] for level in range(5)] == recipe["smoothness_weights"][phase]
+        assert [terms[f"affine_{level}"][0] for level in range(5)] == recipe["affine_weights"][phase]
+
+
+def test_fine_tuning_rate_follows_the_scripts_schedule(pyramid):
+    # LR_scheduler of train_tf_task2.py: per tenth of the phase 1, 1/2, 1/4, 1/8, 1/16, 1/2, 1/4, 1/8, 1/16, 1/16
+    net, recipe = build(pyramid, 2, iterations=200, phase_iterations=[0, 0, 1])
+    optimiser = torch.optim.Adam(net.parameters(), lr=1.0)
+    rates = []
+    for stage in pyramid.training_stages(net, recipe):
+        for step in range(stage.iterations):
+            _set_learning_rate(optimiser, stage, recipe, step)
+            rates.append(optimiser.param_groups[0]["lr"])
+    tenths = [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 16]
+    assert rates == pytest.approx([recipe["lr"] / 2 * tenths[step // 20] for step in range(200)])
+    constant = build(pyramid, 2, iterations=200, phase_iterations=[0, 0, 1],
+                     phase_lr_schedules=["constant"] * 3)
+    assert [(s.name, s.iterations, s.lr_decay) for s in pyramid.training_stages(*constant)] == [("finetune", 200, None)]
 
 
 def test_a_phase_without_steps_is_skipped(pyramid):
-    net, recipe = build(pyramid, 2, iterations=10, phase_iterations=[0, 1, 1])
+    net, recipe = build(pyramid, 2, iterations=10, phase_iterations=[0, 1, 1], phase_lr_schedules=["constant"] * 3)
     assert [(s.name, s.iterations) for s in pyramid.training_stages(net, recipe)] == [("multitask", 5), ("finetune", 5)]
     pyramid.start_stage(net, 0, recipe)
     assert net.phase == 1
