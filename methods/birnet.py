@@ -1,4 +1,4 @@
-"""BIRNet: a patch FCN trained with dual supervision, SyN's deformations and the image difference.
+"""BIRNet: a patch FCN dual-supervised by a registration tool's deformations and by the image difference.
 
 Fan, Cao, Yap and Shen (MedIA 2019) train a U-Net-like fully convolutional network on patches: an input
 patch of 64^3 voxels (64^2 in 2D) gives the displacement of the central 24^3, since every convolution is
@@ -20,33 +20,10 @@ multiple of 4 (the pooling factor) agree exactly where they overlap; other strid
 different pooling phases.
 
 No official code exists, and only the abstract and third-party notes of the paper could be read (see
-spec/methods/birnet.md), so the following are choices, each a recipe key where that is cheap:
-
-- Tool: ANTs SyN, as regbench's ``syn`` baseline runs it (its recipe in the config), on the ordered
-  training pairs of :mod:`regbench.training.supervision`; the paper registered subjects to one template, here T is
-  the fixed and S the moving image of any training pair, as for every method of the benchmark.
-- Layers (the spec's reconstruction): two valid 3^d convs a level with batch norm and ReLU, 2x max
-  pooling, 2x transposed-conv upsampling; sizes 64 -> 60 -> 30 -> 26 -> 13 -> 9 (quarter output) ->
-  18 -> 14 (half output) -> 28 -> 24 (full output). Any ``patch_size`` that keeps the halvings exact
-  works (72 -> 32, ...). Gap filling: ``gap_fill_convs`` valid 3^d convs on each skip before its
-  centre crop. Output heads: 1^d convs to ndim channels, initialised near zero.
-- Gradient maps: the gradient magnitude of T and of S (central differences), so the input has 5
-  channels in 2D and 3D (``gradient_maps: "axes"``: every partial derivative of both, 2 ndim channels).
-- Lower-resolution ground truth: the mean of the tool's displacement over the 2^d (4^d) voxels that an
-  output voxel of the half (quarter) resolution covers, divided by 2 (4): centred exactly on that
-  voxel, in its units. The output voxel centres follow from the layer arithmetic: input positions
-  20 + t (full), 18.5 + 2t (half), 15.5 + 4t (quarter) of a 64 patch.
-- Dissimilarity: mean squared difference over the full output patch, the subject sampled (linearly,
-  zeros outside) from the whole image, so displacements may reach past the input patch.
-- Training patches: output patches drawn uniformly inside the image (``patch_sampling: "foreground"``
-  centres them on the fixed image's brain instead; on embedded2d that gave a lower Dice, 0.66 vs 0.70).
-- Batch norm keeps running statistics with momentum 0.01 (PyTorch: 0.1): with 8 patches a step, the
-  statistics of the last ten steps moved the quick recipe's test Dice by up to 0.09 between runs.
-- Weights, widths, optimiser, iterations, patches per step: not available (UNVERIFIED); the paper
-  recipe takes all three ground-truth levels at weight 1 and the image term at 100 (intensities in
-  [0, 1] make its squared error about a thousand times smaller than the displacement's, in voxels^2;
-  at 100 it is about a tenth of the loss at the start), a 3D U-Net's widths (64, 128, 256) and Adam
-  at 1e-4.
+spec/methods/birnet.md): the tool, the layers, the gap filling, the gradient maps, the lower-resolution ground
+truth, the patch sampling and every loss weight, width and schedule are regbench's reading, each a deviation in
+``Method.deviations`` (and a recipe key where that is cheap). The output voxel centres follow from the layer
+arithmetic: input positions 20 + t (full), 18.5 + 2t (half), 15.5 + 4t (quarter) of a 64 patch.
 """
 from __future__ import annotations
 
@@ -56,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import RegistrationMethod
+from regbench import Deviation, RegistrationMethod
 from regbench.blocks.losses import mse
 from regbench.blocks.patches import (centre_crop, crop, foreground_corners, output_corners, pad_for_patches,
                                      random_corners, sample_at, stitch)
@@ -101,8 +78,7 @@ class Method(RegistrationMethod):
             "checkpoint_every": 1000,
         },
         # The default CPU run (embedded2d, 176 x 176): an eighth of the widths, one gap-filling conv,
-        # 8 patches a step, 100 SyN pairs, a 10x step size: about 70 s of one CPU thread (0.047 s a step);
-        # mean test Dice 0.70 (identity 0.60, its SyN teacher 0.87).
+        # 8 patches a step, 100 SyN pairs, a 10x step size: about 70 s of one CPU thread (0.047 s a step).
         "quick": {
             **_COMMON,
             "widths": [8, 16, 32],
@@ -116,6 +92,49 @@ class Method(RegistrationMethod):
             "checkpoint_every": 400,
         },
     }
+
+    #: No official code: every entry is regbench's reading of the abstract and third-party notes (UNVERIFIED).
+    deviations = (
+        Deviation("Ground truth: ANTs SyN, as regbench's syn baseline runs it",
+                  "The paper's tool is unverified (the spec recalls SyN); the fields are computed offline by "
+                  "regbench.training.supervision with the syn recipe of the config (supervision_pairs pairs)."),
+        Deviation("Training pairs: the fixed and moving images of any training pair, not subjects to a template",
+                  "The paper registered subjects S to one template T; the benchmark registers pairs, so T is the "
+                  "fixed and S the moving image."),
+        Deviation("Layers: two valid 3^d convs a level with BatchNorm and ReLU, 2x max pooling, 2x transposed "
+                  "convs", "The spec's reconstruction from the patch sizes 64 -> 24 with side outputs 14 and 9 "
+                  "(64, 60, 30, 26, 13, 9, 18, 14, 28, 24); the paper's exact layers are unverified."),
+        Deviation("Gap filling: gap_fill_convs valid 3^d convs (BatchNorm, ReLU) on each skip, before its centre "
+                  "crop", "The paper's gap-filling design is unverified; 2 a skip in the paper recipe, 1 in the "
+                  "quick one."),
+        Deviation("Output heads: 1^d convs to ndim channels, initialised near zero (std 1e-5)",
+                  "The paper's heads and their initialisation are unverified; near zero starts from the identity."),
+        Deviation("Gradient maps: the gradient magnitude of T and of S (central differences), 5 input channels",
+                  "Which gradients the paper uses is unverified; gradient_maps 'axes' gives every partial "
+                  "derivative of both (3 + 2 ndim channels)."),
+        Deviation("Lower-resolution ground truth: the tool's displacement averaged over the 2^d (4^d) voxels of an "
+                  "output voxel, divided by 2 (4)", "The paper's procedure is unverified; the average is centred "
+                  "exactly on the half (quarter) resolution voxel and expressed in its units."),
+        Deviation("Dissimilarity: the mean squared difference over the full output patch, the subject sampled "
+                  "from the whole image (linear, zeros outside)", "The paper's exact form is unverified; "
+                  "displacements may reach past the input patch."),
+        Deviation("No smoothness term", "None is reported in what could be read (unverified): the ground-truth "
+                  "term regularises."),
+        Deviation("Loss weights: 1 for each ground-truth level, 100 for the image term",
+                  "The paper's alpha and beta are unverified. Intensities in [0, 1] make the squared image error "
+                  "about a thousand times smaller than the displacement's (voxels^2); at 100 it is about a tenth "
+                  "of the loss at the start."),
+        Deviation("Widths (64, 128, 256) a level", "The paper's widths are unverified: a 3D U-Net's.",
+                  recipes=("paper",)),
+        Deviation("BatchNorm's running statistics with momentum 0.01 (PyTorch's default 0.1)",
+                  "The paper's normalisation is unverified; with a few patches a step, statistics averaged over "
+                  "the last ~100 steps rather than ~10 keep the last steps' patches from swaying evaluation."),
+        Deviation("Training patches: output patches drawn uniformly inside the image, 8 a pair (4 in the quick "
+                  "recipe)", "The paper's sampling is unverified; patch_sampling 'foreground' centres them on the "
+                  "fixed image's brain."),
+        Deviation("Optimiser: Adam at 1e-4, 50k iterations of 2 pairs",
+                  "The paper's optimiser, rate, iterations and batch are unverified.", recipes=("paper",)),
+    )
 
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         return BIRNetFCN(ndim, input_channel_count(ndim, recipe["gradient_maps"]), recipe["widths"],
@@ -305,7 +324,8 @@ class BIRNetFCN(nn.Module):
         transposed = getattr(nn, f"ConvTranspose{ndim}d")
         self.pool = getattr(nn, f"MaxPool{ndim}d")(2)
         m = bn_momentum
-        self.encoder1, self.encoder2, self.encoder3 = _double(ndim, in_channels, w1, m), _double(ndim, w1, w2, m), _double(ndim, w2, w3, m)
+        self.encoder1 = _double(ndim, in_channels, w1, m)
+        self.encoder2, self.encoder3 = _double(ndim, w1, w2, m), _double(ndim, w2, w3, m)
         self.gap1 = nn.Sequential(*[layer for _ in range(gap_fill_convs) for layer in _block(ndim, w1, w1, m)])
         self.gap2 = nn.Sequential(*[layer for _ in range(gap_fill_convs) for layer in _block(ndim, w2, w2, m)])
         self.up2, self.up1 = transposed(w3, w2, 2, stride=2), transposed(w2, w1, 2, stride=2)

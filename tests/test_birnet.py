@@ -40,6 +40,29 @@ def test_recipes_hold_the_papers_sizes_and_every_term(birnet):
         assert recipe["gradient_maps"] == "magnitude" and recipe["gap_fill_convs"] > 0
 
 
+def test_every_reading_of_the_paper_is_a_deviation(birnet):
+    # no official code: each choice regbench made where the paper could not be read is listed, one entry each
+    paper, quick = birnet.recipe("paper"), birnet.recipe("quick")
+    readings = ["SyN", "template", "Layers", "Gap filling", "Output heads", "Gradient maps",
+                "Lower-resolution ground truth", "Dissimilarity", "No smoothness", "Loss weights", "Widths",
+                "running statistics", "Training patches", "Optimiser"]
+    for reading in readings:
+        assert sum(reading in d.what for d in birnet.deviations) == 1, reading
+    assert len(birnet.deviations) == len(readings)
+    for deviation in birnet.deviations:
+        assert deviation.changes_results and "paper" in deviation.recipes
+        assert "unverified" in deviation.why or "template" in deviation.what, deviation.what
+    # the entries state the recipes' values
+    what = {reading: next(d.what for d in birnet.deviations if reading in d.what) for reading in readings}
+    assert (paper["gt_weight_full"], paper["gt_weight_half"], paper["gt_weight_quarter"]) == (1, 1, 1)
+    assert f"{paper['dissimilarity_weight']:.0f} for the image term" in what["Loss weights"]
+    assert str(tuple(paper["widths"])) in what["Widths"]
+    assert f"{paper['patches_per_pair']} a pair ({quick['patches_per_pair']} in the quick" in what["Training patches"]
+    assert f"Adam at {paper['lr']:.0e}".replace("e-0", "e-") in what["Optimiser"]
+    assert f"{paper['iterations'] // 1000}k iterations of {paper['batch_size']} pairs" in what["Optimiser"]
+    assert f"momentum {paper['bn_momentum']}" in what["running statistics"] and paper["gradient_maps"] == "magnitude"
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_valid_convolutions_map_64_to_24_with_side_outputs_14_and_9(birnet, ndim):
     net, _ = build(birnet, ndim, widths=[4, 8, 8])
@@ -153,7 +176,8 @@ def _terms_by_hand(net, batch, recipe, corners):
         quarter = np.zeros((2, 9, 9))
         for r in range(14):
             for s in range(14):  # the output voxel at image i - 2 + 0.5 + 2r: mean of 2 x 2 voxels, in half voxels
-                half[:, r, s] = padded_truth[b, :, 6 + i - 2 + 2 * r:6 + i + 2 * r, 6 + j - 2 + 2 * s:6 + j + 2 * s].mean((1, 2)) / 2
+                block = padded_truth[b, :, 6 + i - 2 + 2 * r:6 + i + 2 * r, 6 + j - 2 + 2 * s:6 + j + 2 * s]
+                half[:, r, s] = block.mean((1, 2)) / 2
         for r in range(9):
             for s in range(9):  # at image i - 6 + 1.5 + 4r: mean of 4 x 4 voxels, in quarter voxels
                 quarter[:, r, s] = padded_truth[b, :, i + 4 * r:i + 4 * r + 4, j + 4 * s:j + 4 * s + 4].mean((1, 2)) / 4
@@ -197,7 +221,8 @@ def test_a_dropped_term_changes_the_gradient(birnet):
     """Every term of the recipe reaches the network: zeroing any one weight changes the update."""
     shape = (64, 64)
     generator = torch.Generator().manual_seed(2)
-    batch = {"fixed": torch.rand(1, 1, *shape, generator=generator), "moving": torch.rand(1, 1, *shape, generator=generator),
+    batch = {"fixed": torch.rand(1, 1, *shape, generator=generator),
+             "moving": torch.rand(1, 1, *shape, generator=generator),
              "supervision": _smooth_field(shape, 4)}
 
     def gradient(**weights):
