@@ -2,7 +2,7 @@
 
 Mok and Chung (CVPR 2022) register a pair affinely in three stages over an image pyramid. After a
 centre-of-mass (CoM) initialisation that translates the moving image's intensity centre onto the fixed
-one's, both images are downsampled x0.5 and average-pooled into three levels. Stage i embeds the
+one's, the pair, shrunk to a 128^3 cube, is average-pooled into three levels. Stage i embeds the
 pair of its level, [moving, fixed], by a strided convolution with a kernel larger than its stride
 (k = 3/7/15, s = 2/4/8, so every level gives the same token grid), adds the previous stage's tokens
 through a 3^d convolution, runs transformer blocks (global attention, a depth-wise convolution in the
@@ -14,46 +14,17 @@ a multi-resolution local NCC (windows 7/5/3, weights 1, 1/2, 1/4) of the finest 
 image against the fixed one, with no regulariser: the parameter ranges constrain the affine. C2FViT-s,
 the semi-supervised variant, adds 0.5 x a soft Dice of the linearly warped one-hot moving labels.
 
-2D (the paper is 3D only): 6 decoupled parameters, the natural analogue of the 12: translation x 2,
-one rotation, one shear, scaling x 2 (regbench.blocks.decoupled_affine documents the composition).
+The network runs on its working grid (``working_size``; regbench.geometry): the official pipeline's 128^3
+cube (its 256^3 volumes shrunk x0.5), here isotropic voxels with the dataset's whole field of view fitted in.
+The affine parameters act in normalised coordinates ([-1, 1] across the grid), which are physical
+coordinates up to one scale only on a cube of isotropic voxels: there a decoded rotation is rigid in mm and a
+translation of 1 is half the cube's side along every axis, whatever the dataset's grid.
 
-Choices where the paper and the official code (cwmok/C2FViT at 6a0a637) differ or are silent
-(spec/methods/c2fvit.md):
-
-- Similarity: the code's multi-resolution NCC on the *final* warped image (``supervision:
-  "final_multiscale"``), although a code comment calls it "3 level deep supervision"; whether the paper
-  sums a per-stage NCC is unverified, so ``"per_stage"`` is offered: stage i's affine warps level i's
-  moving image, scored by the local NCC of that level's window and weight (7/1 finest, 5/1/2, 3/1/4).
-- NCC: squared local NCC with local means over the whole w^d window and eps = 1e-5, the current code
-  (regbench.blocks.losses.local_ncc is that formula). The original release used eps = 1e-8 (``ncc_eps``); a
-  2023 commit briefly divided the means by w instead of w^d, a bug not reproduced.
-- Dice (C2FViT-s): regbench's ``soft_dice_loss`` (-mean Dice, eps only in the denominator) over the
-  dataset's evaluation labels, instead of the code's 1 - mean Dice with eps in numerator and
-  denominator over every channel of its one-hot files: the same gradient up to the eps terms. The
-  moving labels are resampled once, by the composed CoM + affine transform, where the code resamples
-  them twice (CoM shift, then affine), both bilinear at full resolution.
-- Batches: the code decodes the affine of batch element 0 only and computes one CoM over the whole
-  batch (so it trains with batch 1); here both are per pair.
-- Centres of mass: each stage's affine acts about the CoM of the image it warps (the network's level),
-  as in the code. The returned transform, like the test script's, applies the last stage's parameters
-  about the CoM of the full-resolution CoM-initialised moving image; the training script's Dice warps
-  the full-resolution labels with the CoM of the x0.5 image instead (the two differ by interpolation only).
-- Images are already min-max normalised to [0, 1] by the datasets, so no normalisation is repeated.
-- On grids whose token grids differ between levels (sizes not multiples of 2^(levels-1) x stride), the
-  previous stage's tokens are linearly resized to the new grid before they are added; the official
-  code only sees 128^3 and 16^3 tokens at every level.
-- ``augment_affine`` (off in both recipes) warps each training moving image by a random decoupled affine
-  first, the extra training pairs spec/methods/c2fvit.md suggests for small data; not the paper's.
-- Not reimplemented: the alternative ``_pos`` / ``_peg`` networks (positional encodings), not the default.
-
-The quick recipe keeps the loss, the pyramid, the patch embeddings, the ranges and the CoM initialisation,
-and changes the network's size and one layer: width 32, 2 blocks a stage, and PVT's LayerNorm as the
-blocks' norm (``norm_layer`` of the code, whose default is the identity). Without the norm the tokens of
-[0, 1] images are about 0.04 in size, the attention is uniform (its gradients about 1e-7) and in a
-CPU budget the network learns little more than one affine for every pair. Measured on embedded2d (16
-test pairs, unregistered mean Dice 0.609), 800 steps at width 32, seeds 0/1/2: identity norm 0.614, 0.611,
-0.587; LayerNorm 0.639, 0.645, 0.623.
+``deviations`` lists where this file departs from the paper and the official code (cwmok/C2FViT at 6a0a637;
+spec/methods/c2fvit.md): the 2D analogue of the paper's 3D method, the fitted working grid, no model selection
+and the quick recipe's LayerNorm among them.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import RegistrationMethod
+from regbench import Deviation, RegistrationMethod, WorkingGrid
 from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation,
                                               decoupled_affine_matrix, matrix_to_displacement, parameter_count)
 from regbench.blocks.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
@@ -85,14 +56,14 @@ _COMMON = {
     "qkv_bias": False,
     "norm": "identity",                 # the code's norm_layer=nn.Identity; "layernorm" for PVT's
     # input and affine decoding
-    "input_scale": 0.5,                 # 256^3 -> 128^3 before the network (trilinear, align_corners=True)
+    "working_size": 128,                # the network's grid: a 128^d isotropic cube (256^3 x 0.5); 0: the dataset's
     "com_init": True,                   # centre-of-mass translation before the network
     "translation_range": 1.0,           # normalised units: 1 = half the field of view
     "rotation_range": math.pi,          # radians
     "shear_range": math.pi,
     "scaling_range": 0.5,               # scales in [0.5, 1.5]
     # loss: similarity = sum_j ncc_weights[j] * -LNCC_{ncc_windows[j]}(D^j warped, D^j fixed)
-    "supervision": "final_multiscale",  # or "per_stage" (see the docstring)
+    "supervision": "final_multiscale",  # or "per_stage" (see deviations)
     "ncc_windows": [7, 5, 3],
     "ncc_weights": [1.0, 0.5, 0.25],
     "ncc_eps": 1e-5,                    # current code; 1e-8 in the original release
@@ -104,6 +75,7 @@ _COMMON = {
 
 class Method(RegistrationMethod):
     name = "c2fvit"
+    label_terms = ("dice_weight",)      # C2FViT-s: > 0 and the row learns from labels
     citation = ("T. C. W. Mok, A. C. S. Chung. Affine Medical Image Registration with Coarse-to-Fine Vision "
                 "Transformer. CVPR 2022, arXiv:2203.15216. Code: github.com/cwmok/C2FViT.")
     recipes = {
@@ -116,12 +88,14 @@ class Method(RegistrationMethod):
             "checkpoint_every": 1000,
             "log_every": 100,
         },
-        # The default CPU run (embedded2d: 176 x 176 -> 88 x 88 network input, pyramid 22/44/88, 11 x 11 tokens
-        # at every stage): the same pyramid, embeddings and loss; a narrower, shallower network with LayerNorm
-        # (see above), four pairs a step at 10x the step size. About 50 ms a step on one CPU thread, so
-        # 1000 steps take some 50 s.
+        # The default CPU run (embedded2d: 176 x 176 at 1 mm on an 88 x 88 working grid of 2.01 mm, the official
+        # x0.5; pyramid 22/44/88, 11 x 11 tokens at every stage): the same pyramid, embeddings and loss; a
+        # narrower, shallower network with LayerNorm (see deviations), four pairs a step at 10x the step size.
+        # About 50 ms a step on one CPU thread, so 1000 steps take some 50 s. A 64 x 64 grid trains about 20 %
+        # faster but scored lower on the val pairs (seeds 0/1/2: 0.638, 0.643, 0.652 against 0.645, 0.655, 0.650).
         "quick": {
             **_COMMON,
+            "working_size": 88,
             "width": 32,
             "depth": 2,
             "norm": "layernorm",
@@ -132,11 +106,74 @@ class Method(RegistrationMethod):
             "log_every": 10,
         },
     }
+    deviations = (
+        Deviation("The network runs on a 128^d cube of isotropic voxels fitted to the dataset's field of view",
+                  "The official pipeline shrinks 256^3 volumes of 1 mm x0.5 to 128^3 (2 mm voxels); regbench "
+                  "resamples each dataset's grid onto the cube that holds it (OASIS: 1.76 mm voxels, padded with "
+                  "0), so a translation of 1 is half that cube's side; the displacement is brought back to the "
+                  "dataset's grid in mm. The quick recipe's cube is 88^2."),
+        Deviation("working_size 0 runs the network on the dataset's own grid",
+                  "An option: there the normalised coordinates are physical only on a cube of isotropic voxels; "
+                  "elsewhere a decoded rotation is not rigid in mm and each range means a different length per "
+                  "axis. The official code only sees 128^3 cubes.", recipes=()),
+        Deviation("No model selection: the last iteration's network is evaluated",
+                  "The paper keeps the checkpoint (saved every 1000 iterations) with the best Dice on 10 "
+                  "validation scans; regbench's training loop has no selection on the val split."),
+        Deviation("Similarity on the final warped image only, at 3 scales (supervision: final_multiscale)",
+                  "The official code's loss, although a code comment calls it '3 level deep supervision'; whether "
+                  "the paper sums an NCC per stage is unverified. supervision: per_stage scores stage i's affine "
+                  "on level i's moving image with that level's window and weight (7/1 finest, 5/1/2, 3/1/4)."),
+        Deviation("NCC with eps = 1e-5 (ncc_eps), the current official code",
+                  "The original release (the paper's) used 1e-8; a 2023 commit briefly divided the local means by "
+                  "w instead of w^d, a bug not reproduced. Both are the squared local NCC of "
+                  "regbench.blocks.losses.local_ncc."),
+        Deviation("Parameter ranges and composition order are the official code's",
+                  "Translation +-1 (normalised), rotation and shear +-pi, scaling 1 +- 0.5, A = C+ Sh S R C- T; "
+                  "whether the paper states the same in words is unverified.", changes_results=False),
+        Deviation("2D: 6 decoupled parameters (translation x 2, one rotation, one shear, scaling x 2)",
+                  "The paper is 3D only (12 parameters); this is regbench's analogue for 2D datasets, composed "
+                  "as in 3D (regbench.blocks.decoupled_affine)."),
+        Deviation("The CoM initialisation and the final affine's centre come from the working-grid images",
+                  "The official test script computes them on the 256^3 volumes, its training Dice on the x0.5 "
+                  "images; the centres differ by interpolation only. Each stage's affine acts about the CoM of "
+                  "the level it warps, as in the code."),
+        Deviation("Every pair of a batch has its own affine and centre of mass",
+                  "The official code decodes batch element 0 only and pools one CoM over the batch, so it trains "
+                  "with batch 1, where the two agree (the paper recipe); the quick recipe's batches of 4 need "
+                  "the per-pair form.", changes_results=False),
+        Deviation("Images are not min-max normalised again",
+                  "The datasets serve every image in [0, 1] already; the official code normalises each volume.",
+                  changes_results=False),
+        Deviation("C2FViT-s Dice: -mean soft Dice over the dataset's evaluation labels, on the working grid",
+                  "The code uses 1 - mean Dice with eps in numerator and denominator over every channel of its "
+                  "one-hot files (which structures is unverified), warping the 256^3 labels twice (CoM shift, "
+                  "then affine); here the labels on the working grid are warped once by the composed transform. "
+                  "dice_weight 0 (C2FViT) in both recipes.", recipes=()),
+        Deviation("Previous stage's tokens resized linearly where the token grids of two levels differ",
+                  "Only on grids whose size is not a multiple of 2^(levels-1) x stride; the official 128^3 (and "
+                  "the quick 88^2) give one token grid at every level.", recipes=()),
+        Deviation("augment_affine: random decoupled affines on the training moving images",
+                  "An option (0 in both recipes) for small data, suggested by spec/methods/c2fvit.md; not the "
+                  "paper's.", recipes=()),
+        Deviation("Only the default network (C2F_ViT_stage)",
+                  "The official code's alternatives with positional encodings (_pos, _peg) are not the default "
+                  "and not reimplemented.", recipes=(), changes_results=False),
+        Deviation("Quick recipe: LayerNorm as the transformer blocks' norm",
+                  "The official norm_layer is the identity. Without a norm the tokens of [0, 1] images are about "
+                  "0.04 in size and the attention is nearly uniform (its gradients about 1e-7). Val Dice on "
+                  "embedded2d (13 pairs, 0.634 unregistered; seeds 0/1/2): LayerNorm 0.645, 0.655, 0.650; "
+                  "identity 0.649, 0.650, 0.627.", recipes=("quick",)),
+    )
+
+    def working_grid(self, ndim: int, recipe: dict) -> WorkingGrid | None:
+        """The isotropic ``working_size``^d cube (the dataset's field of view fitted in); None for 0."""
+        size = int(recipe["working_size"] or 0)
+        return WorkingGrid((size,) * ndim) if size else None
 
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         return C2FViTNet(ndim, recipe["levels"], recipe["patch_kernels"], recipe["patch_strides"], recipe["width"],
                          recipe["depth"], recipe["heads"], recipe["mlp_ratio"], recipe["qkv_bias"], recipe["norm"],
-                         recipe["input_scale"], recipe["com_init"], _ranges(recipe))
+                         recipe["com_init"], _ranges(recipe))
 
     def loss_terms(self, net: nn.Module, batch: dict, recipe: dict) -> dict:
         moving, augmentation = batch["moving"], None
@@ -184,8 +221,8 @@ def _ranges(recipe: dict) -> dict:
 
 
 class Prediction(NamedTuple):
-    matrix: torch.Tensor                # B x (d+1) x (d+1): CoM initialisation, then the last stage's affine
-                                        # (about the CoM of the full-resolution image): the registration
+    matrix: torch.Tensor                # B x (d+1) x (d+1): CoM initialisation, then the last stage's affine:
+                                        # the registration
     stage_matrices: list[torch.Tensor]  # each stage's affine (about the CoM of what it warps), coarse first
     parameters: list[torch.Tensor]      # each stage's theta in [-1, 1], B x 6 (2D) or B x 12 (3D)
     moving: list[torch.Tensor]          # network-input pyramid of the CoM-initialised moving image, coarse first
@@ -196,24 +233,24 @@ class Prediction(NamedTuple):
 class C2FViTNet(nn.Module):
     """Three (``levels``) stages of patch embedding -> transformer -> affine head, coarse to fine.
 
-    ``forward(moving, fixed)`` takes ``B x 1 x *spatial`` images (2D or 3D, the same grid) and returns a
-    :class:`Prediction`; every matrix is in normalised coordinates (regbench.blocks.decoupled_affine), so
-    ``matrix_to_displacement(prediction.matrix, shape)`` is the transform at any resolution.
+    ``forward(moving, fixed)`` takes ``B x 1 x *spatial`` images (2D or 3D, the same grid: the working grid,
+    whose finest pyramid level they are) and returns a :class:`Prediction`; every matrix is in normalised
+    coordinates (regbench.blocks.decoupled_affine), so ``matrix_to_displacement(prediction.matrix, shape)`` is
+    the transform at any resolution of the same field of view.
     """
 
     def __init__(self, ndim: int, levels: int = 3, patch_kernels=(3, 7, 15), patch_strides=(2, 4, 8),
                  width: int = 256, depth: int = 4, heads: int = 2, mlp_ratio: float = 2.0, qkv_bias: bool = False,
-                 norm: str = "identity", input_scale: float = 0.5, com_init: bool = True, ranges: dict | None = None):
+                 norm: str = "identity", com_init: bool = True, ranges: dict | None = None):
         super().__init__()
         if len(patch_kernels) != levels or len(patch_strides) != levels:
             raise ValueError(f"c2fvit: {levels} levels need {levels} patch_kernels and patch_strides, "
                              f"got {list(patch_kernels)} and {list(patch_strides)}")
-        if not 0 < input_scale <= 1:
-            raise ValueError(f"c2fvit: input_scale must be in (0, 1], got {input_scale}")
-        self.ndim, self.levels, self.input_scale, self.com_init = ndim, levels, input_scale, com_init
+        self.ndim, self.levels, self.com_init = ndim, levels, com_init
         self.ranges = ranges or {}
         parameters = parameter_count(ndim)
-        self.embeddings = nn.ModuleList(ConvPatchEmbedding(ndim, 2, width, k, s) for k, s in zip(patch_kernels, patch_strides))
+        self.embeddings = nn.ModuleList(ConvPatchEmbedding(ndim, 2, width, k, s)
+                                        for k, s in zip(patch_kernels, patch_strides))
         self.encoders = nn.ModuleList(TransformerEncoder(ndim, width, depth, heads, mlp_ratio, qkv_bias, norm)
                                       for _ in range(levels))
         self.heads = nn.ModuleList(
@@ -235,18 +272,11 @@ class C2FViTNet(nn.Module):
         if moving.shape != fixed.shape or moving.ndim != self.ndim + 2 or moving.shape[1] != 1:
             raise ValueError(f"c2fvit: moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must both be "
                              f"B x 1 x *spatial with {self.ndim} spatial axes")
-        smallest = min(moving.shape[2:]) * self.input_scale / 2 ** (self.levels - 1)
-        if smallest < 1:
+        if min(moving.shape[2:]) < 2 ** (self.levels - 1):
             raise ValueError(f"c2fvit: images of shape {tuple(moving.shape[2:])} are too small for {self.levels} "
-                             f"pyramid levels after scaling by {self.input_scale}")
+                             f"pyramid levels")
         initial = center_of_mass_translation(moving, fixed) if self.com_init else _identity(moving)
-        moving = affine_warp(moving, initial)
-        small_moving, small_fixed = moving, fixed
-        if self.input_scale != 1:
-            mode = "bilinear" if self.ndim == 2 else "trilinear"
-            small_moving, small_fixed = (F.interpolate(x, scale_factor=self.input_scale, mode=mode, align_corners=True)
-                                         for x in (moving, fixed))
-        moving_levels, fixed_levels = self.pyramid(small_moving), self.pyramid(small_fixed)
+        moving_levels, fixed_levels = self.pyramid(affine_warp(moving, initial)), self.pyramid(fixed)
 
         matrices, thetas, features = [], [], None
         source = moving_levels[0]
@@ -266,9 +296,7 @@ class C2FViTNet(nn.Module):
             thetas.append(theta)
             if i < self.levels - 1:
                 features = self.squeezes[i](tokens_to_grid(tokens, shape))
-        # at full resolution the last affine acts about the CoM of the full-resolution image (the test script)
-        output = decoupled_affine_matrix(thetas[-1], center_of_mass(moving), **self.ranges)
-        return Prediction(initial @ output, matrices, thetas, moving_levels, fixed_levels, source)
+        return Prediction(initial @ matrices[-1], matrices, thetas, moving_levels, fixed_levels, source)
 
 
 def _identity(image: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,10 @@ map, fixed coordinates -> moving coordinates: ``warped(p) = moving(A p)``.
 Coordinates are grid_sample's: normalised to [-1, 1] with ``align_corners=True`` (voxel centre 0 at -1,
 voxel centre S-1 at +1; so a translation of 1 is half the field of view) and ordered (x, y, z) = the
 array axes reversed. The matrices are therefore resolution-independent: the one predicted at low
-resolution warps the full-resolution image. On a grid that is not a square or a cube, a "rotation"
-rotates the normalised square, which is not rigid in voxels (the official code only sees 128^3 cubes).
+resolution warps the full-resolution image. They are physical coordinates (up to one scale) only on a
+square or cube of isotropic voxels: elsewhere a "rotation" rotates the normalised square, which is not
+rigid in mm, and a translation of 1 is a different length along each axis. The official code only sees
+128^3 cubes; methods/c2fvit.py runs its network on such a cube (its working grid) for that reason.
 :func:`matrix_to_displacement` turns a matrix into regbench's displacement (voxels, array-axis channels).
 """
 from __future__ import annotations
@@ -123,11 +125,12 @@ def shear_matrix(shear: torch.Tensor, ndim: int) -> torch.Tensor:
 def _homogeneous(linear: torch.Tensor | None = None, translation: torch.Tensor | None = None) -> torch.Tensor:
     reference = linear if linear is not None else translation
     batch, ndim = reference.shape[0], reference.shape[-1]
-    top = linear if linear is not None else torch.eye(ndim, dtype=reference.dtype, device=reference.device).expand(batch, ndim, ndim)
+    if linear is None:
+        linear = torch.eye(ndim, dtype=reference.dtype, device=reference.device).expand(batch, ndim, ndim)
     column = translation if translation is not None else reference.new_zeros(batch, ndim)
     bottom = reference.new_zeros(batch, 1, ndim + 1)
     bottom[..., -1] = 1.0
-    return torch.cat([torch.cat([top, column[..., None]], dim=2), bottom], dim=1)
+    return torch.cat([torch.cat([linear, column[..., None]], dim=2), bottom], dim=1)
 
 
 def translation_matrix(translation: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,8 @@ def decoupled_affine_matrix(theta: torch.Tensor, center: torch.Tensor | None = N
     ndim = params["scaling"].shape[1]
     if center is None:
         center = theta.new_zeros(theta.shape[0], ndim)
-    linear = shear_matrix(params["shear"], ndim) @ torch.diag_embed(params["scaling"]) @ rotation_matrix(params["rotation"])
+    linear = (shear_matrix(params["shear"], ndim) @ torch.diag_embed(params["scaling"])
+              @ rotation_matrix(params["rotation"]))
     return (translation_matrix(center) @ _homogeneous(linear=linear) @ translation_matrix(-center)
             @ translation_matrix(params["translation"]))
 
