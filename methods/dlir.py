@@ -4,61 +4,37 @@ de Vos et al. (MedIA 2019) register in stages: stage k sees the fixed image and 
 by stages 1..k-1 and predicts its own transform, an affine one first (12 parameters in 3D: translation,
 rotation, scaling, shearing, about the image centre) and then cubic B-spline control-point displacements
 at finer and finer spacings. Each stage is trained alone, the earlier ones frozen, with the global
-normalised cross-correlation as the similarity and, on the deformable stages, the bending energy of
-the stage's field. No code was released; the first author's TorchIR (AIRNet, DIRNet, DLIRFramework)
-gives the layers this file follows (spec/methods/dlir.md).
+normalised cross-correlation as the similarity and, on the deformable stages, alpha times the bending energy
+of the stage's field. No code was released; the first author's TorchIR (AIRNet, DIRNet, BsplineTransformer,
+DLIRFramework, bending_energy_2d/3d) gives the layers, the transforms and the losses this file follows
+(spec/methods/dlir.md):
 
-Choices where the paper, TorchIR and the spec leave room:
+- affine stage (AIRNet): one pipeline of 5 [3^d conv, ELU] blocks, average-pooled by 2 after the first 4 and
+  globally at the end, run on each image; the two feature vectors concatenated, two FC+ELU layers, and four
+  heads with PyTorch's default initialisation: translation (voxels), rotation ``tanh * pi/2`` per plane of
+  axes, scaling ``2^tanh``, shear ``tan(tanh * pi/4)``; ``A = Scale * Shear * Rot`` about the image centre;
+- B-spline stages (DIRNet): 5 [3^d conv, ELU] blocks on (fixed, warped moving), average-pooled after the
+  first log2(spacing), two 1^d conv+ELU "dense" layers as wide and a zero-initialised 1^d conv to the
+  ``floor(S / spacing)`` control displacements (voxels) that :mod:`regbench.blocks.bspline` turns into a field
+  as TorchIR's transposed convolution does (controls beyond the grid zero);
+- loss: ``-NCC(F, M o phi) + alpha * BE(u_k)`` with :func:`regbench.blocks.losses.bending_energy` (TorchIR's,
+  averaged over voxels and components) of the stage's own field; the affine stage has NCC alone.
 
-- Stages are **composed**, as in TorchIR (``combine = "compose"``): the moving image is resampled once,
-  by ``u_1 o ... o u_k`` (:func:`regbench.blocks.spatial.compose_displacements`, field continued at the border);
-  the paper *added* the stages' fields, available as ``combine = "add"``.
-- Affine: ``A = Scale * Shear * Rot`` with ``Scale = diag(2^tanh)`` (range [0.5, 2]), ``Shear`` unit upper
-  triangular with ``tan(tanh * pi/4)`` above the diagonal and ``Rot`` the product of one rotation by
-  ``tanh * pi/2`` per plane of axes (0,1), (0,2), (1,2); translation linear, in voxels. That is the
-  paper's 12 parameters in 3D (6 in 2D); TorchIR uses 6 shears in 3D. The map is taken about the
-  voxel-grid centre ``(S - 1) / 2`` (TorchIR: ``S / 2``) with :func:`regbench.blocks.affine.affine_displacement`.
-  The two images go through one shared feature pipeline (TorchIR; the paper's sharing is UNVERIFIED).
-  All four heads start at zero, so the untrained stage is the identity.
-- B-spline stages (TorchIR's DIRNet): 5 conv+ELU blocks on (fixed, warped moving), fixed first, with an
-  average pool after each of the first log2(spacing) blocks, two 1x1 conv+ELU "dense" layers
-  (``dense_features`` wide; TorchIR makes them as wide as the convs) and a zero-initialised 1x1 conv to
-  ndim control displacements (voxels, array-axis order). The pooled grid, ``floor(S / spacing)`` points, is
-  centred on the image (:mod:`regbench.blocks.bspline`) and extended by two control points on every side that
-  repeat its edge values, so the field covers the whole image (TorchIR's points beyond its grid are zero,
-  and its field falls to zero at the image border). No bounding of the coefficients (TorchIR's
-  ``apply_diffeomorphic_limits`` is off by default).
-- The ConvNets see the intensities mapped from [0, 1] to [-1, 1] (``normalise_inputs``), as TorchIR's
-  example normalises its images; the loss compares the images as given (NCC ignores the map anyway). This
-  matters with PyTorch's default initialisation: on [0, 1] brain slices (background 0) the features
-  barely vary at the start and the B-spline stages take hundreds of steps to move (quick run without it:
-  test Dice 0.598 instead of 0.704).
-- Loss: ``L = -NCC(F, M o phi) + bending_weight * BE(u_k)``, with :func:`regbench.blocks.losses.global_ncc` (per
-  image, not per batch) on the moving image warped with border padding and
-  :func:`regbench.blocks.losses.bending_energy` of the stage's own dense field ``u_k`` in voxels. The affine
-  stage logs its bending term with weight 0 (NCC alone, as in the paper). The bending weight is
-  UNVERIFIED in the paper and TorchIR's notebook uses none; ``bending_weight = 1`` (the largest of the
-  spec's candidates {0, 0.01, 0.1, 1}; BE in voxel units is small, 1e-4 to 1e-3 here) in both recipes:
-  the quick run's test Dice is 0.704 with 1, 0.693 with 0.1 and 0.676 with 0 (the spacing-8 stage then
-  adds nothing).
-- Optimiser: the training loop's Adam with AMSGrad (TorchIR's example), a fresh one per stage. The
-  paper's optimiser, spacings and budget are UNVERIFIED; the paper recipe takes TorchIR's example budget
-  (batch 32, 100 epochs x 100 batches = 10,000 steps a stage, lr 1e-3) and the spec's spacings 32, 16, 8.
-- ``iterations`` counts the steps of the whole run; ``stage_iterations`` shares them out among the stages
-  (affine first), e.g. [1, 3, 3] of 700: 100 affine steps, then 300 for each B-spline stage.
+``iterations`` counts the steps of the whole run; ``stage_iterations`` shares them out among the stages
+(affine first), e.g. [1, 3, 3] of 700: 100 affine steps, then 300 for each B-spline stage. Where this file
+departs from the paper and TorchIR: ``Method.deviations``.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from regbench import RegistrationMethod
+from regbench import Deviation, RegistrationMethod
 from regbench.blocks.affine import affine_displacement
 from regbench.blocks.bspline import bspline_displacement
-from regbench.blocks.losses import bending_energy, global_ncc
+from regbench.blocks.losses import global_ncc, bending_energy
 from regbench.method import TrainingStage
 from regbench.blocks.networks import conv
 from regbench.blocks.spatial import compose_displacements, warp
@@ -68,7 +44,7 @@ _COMMON = {
     "spacings": [32, 16, 8],        # one B-spline stage per control spacing (voxels, powers of 2), coarse to fine
     "affine_kernels": 32,           # channels of the affine ConvNet's 5 conv blocks
     "deformable_kernels": 32,       # channels of each B-spline ConvNet's 5 conv blocks
-    "dense_features": 64,           # the affine FC layers / the B-spline 1x1 "dense" layers
+    "dense_features": 64,           # the affine ConvNet's FC layers (the B-spline 1x1 "dense" layers: kernels)
     "combine": "compose",           # "compose" (TorchIR) or "add" (the paper)
     "similarity_weight": 1.0,       # -global NCC
     "bending_weight": 1.0,          # alpha of the bending energy, deformable stages (UNVERIFIED)
@@ -97,9 +73,9 @@ class Method(RegistrationMethod):
         # The default CPU run (embedded2d, 176 x 176): affine + B-splines at 16 and 8 voxels (the data's
         # deformations have a control spacing of 16), 16 kernels, 700 steps of 2 pairs (100 affine, 300 a
         # B-spline stage; about 60 ms a step on one CPU thread, 40 s in all) at lr 3e-3, TorchIR's 1e-3 being
-        # too slow for so short a run. Mean test Dice, 8 training subjects a template, 4 test pairs: 0.558
-        # unregistered -> 0.556 affine -> 0.676 (spacing 16) -> 0.704 (spacing 8); lr 1e-3: 0.598; lr 1e-2:
-        # 0.697. 20 training subjects a template, 10 test pairs: 0.585 -> 0.659.
+        # too slow for so short a run. Mean val Dice (embedded2d with 8 val subjects a template, 22 pairs):
+        # 0.626 unregistered -> 0.608 affine (100 steps from the heads' random start) -> 0.640 (spacing 16)
+        # -> 0.702 (spacing 8); lr 1e-3: 0.641.
         "quick": {
             **_COMMON,
             "spacings": [16, 8],
@@ -113,6 +89,46 @@ class Method(RegistrationMethod):
             "log_every": 10,
         },
     }
+
+    deviations = (
+        Deviation("The stages' transforms are composed, not added",
+                  "TorchIR composes them (its DLIRFramework names this its one departure from the paper, which "
+                  "added the stages' displacement fields); combine = 'add' gives the paper's sum."),
+        Deviation("Composition continues an earlier stage's field beyond the image border",
+                  "regbench samples the earlier displacement with border padding; TorchIR resamples its coordinate "
+                  "grid so, which clamps the position instead. They differ only where a stage maps a voxel out of "
+                  "the image."),
+        Deviation("Shear: 3 parameters in 3D (1 in 2D), above the diagonal",
+                  "The paper's 12 affine parameters in 3D; TorchIR's AIRNet fills every off-diagonal entry (6 shears "
+                  "in 3D, 2 in 2D).", changes_results=False),
+        Deviation("The affine map is taken about the voxel-grid centre (S - 1) / 2",
+                  "TorchIR takes it about S / 2; the translation head absorbs the difference, (A - I) / 2 voxels.",
+                  changes_results=False),
+        Deviation("Displacements, control points, translations and scalings in array-axis order",
+                  "regbench's convention for fields; TorchIR's are in xyz order. The output units are permuted, "
+                  "nothing else (the rotation matrices are TorchIR's, read in array axes).", changes_results=False),
+        Deviation("One feature pipeline, shared by the two images, in the affine ConvNet",
+                  "TorchIR's AIRNet; whether the paper's two pipelines share weights is UNVERIFIED."),
+        Deviation("Layers as TorchIR's: 5 conv blocks of 32 kernels, ELU, no batch norm, 64-node FC layers",
+                  "The paper's layer counts, widths and batch norm are UNVERIFIED (spec/methods/dlir.md); TorchIR's "
+                  "AIRNet and DIRNet defaults are taken."),
+        Deviation("NCC per image, averaged over the batch",
+                  "TorchIR computes one NCC over the whole batch tensor (standard deviations with N - 1); per image "
+                  "keeps a pair's score independent of its batch mates. Which the paper used is UNVERIFIED."),
+        Deviation("Bending energy weight alpha = 1 on each B-spline stage's own field",
+                  "The paper's alpha is UNVERIFIED and TorchIR's example trains without bending energy; 1, the "
+                  "largest of the spec's candidates {0, 0.01, 0.1, 1}, with TorchIR's energy (a mean over "
+                  "components): the quick recipe's val Dice on embedded2d is 0.702, 0.681 with 0.1, 0.669 with 0."),
+        Deviation("The ConvNets see intensities mapped from [0, 1] to [-1, 1]",
+                  "TorchIR's example normalises its images so; the paper's preprocessing is UNVERIFIED. On brain "
+                  "slices with a background of 0, PyTorch's default initialisation otherwise leaves the B-spline "
+                  "stages nearly still for hundreds of steps: val Dice 0.618 instead of 0.702 in the quick recipe "
+                  "(normalise_inputs False)."),
+        Deviation("Adam with AMSGrad, a fresh optimiser a stage",
+                  "TorchIR's example; the paper's optimiser is UNVERIFIED."),
+        Deviation("10,000 steps of 32 pairs a stage at lr 1e-3; control spacings 32, 16, 8",
+                  "TorchIR's example budget and the spec's spacings; the paper's are UNVERIFIED.", recipes=("paper",)),
+    )
 
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         net = DLIRNet(ndim, recipe["affine"], recipe["spacings"], recipe["affine_kernels"],
@@ -172,7 +188,7 @@ class DLIRNet(nn.Module):
             stages.append(AffineStage(ndim, affine_kernels, dense_features))
             names.append("affine")
         for spacing in spacings:
-            stages.append(BSplineStage(ndim, int(spacing), deformable_kernels, dense_features))
+            stages.append(BSplineStage(ndim, int(spacing), deformable_kernels))
             names.append(f"bspline{int(spacing)}")
         if not stages:
             raise ValueError("dlir: no stage (affine is False and spacings is empty)")
@@ -210,7 +226,8 @@ def _conv_elu_blocks(ndim: int, in_channels: int, kernels: int, pools: int, bloc
 
 
 class AffineStage(nn.Module):
-    """TorchIR's AIRNet: a shared pipeline per image, global pooling, 2 FC layers, four bounded heads."""
+    """TorchIR's AIRNet: a shared pipeline per image, global pooling, 2 FC layers, four bounded heads (PyTorch's
+    default initialisation, as TorchIR: the untrained stage is a random transform near the identity)."""
 
     def __init__(self, ndim: int, kernels: int = 32, dense_features: int = 64):
         super().__init__()
@@ -223,9 +240,6 @@ class AffineStage(nn.Module):
         self.rotation = nn.Linear(dense_features, planes)
         self.scaling = nn.Linear(dense_features, ndim)
         self.shear = nn.Linear(dense_features, planes)
-        for head in (self.translation, self.rotation, self.scaling, self.shear):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
 
     def parameters_of(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, t)``: the matrix (``B x d x d``) and the translation (``B x d``, voxels)."""
@@ -258,25 +272,23 @@ def affine_matrix(scaling: torch.Tensor, shear: torch.Tensor, rotation: torch.Te
 
 
 class BSplineStage(nn.Module):
-    """TorchIR's DIRNet: conv/ELU/avg-pool down to the control grid, 1x1 dense convs, zero-init output."""
+    """TorchIR's DIRNet: conv/ELU/avg-pool down to the control grid, 1x1 dense convs as wide, zero-init output."""
 
-    def __init__(self, ndim: int, spacing: int, kernels: int = 32, dense_features: int = 64):
+    def __init__(self, ndim: int, spacing: int, kernels: int = 32):
         super().__init__()
         pools = int(round(math.log2(spacing))) if spacing >= 1 else -1
         if 2 ** max(pools, 0) != spacing or not 0 <= pools <= 5:
             raise ValueError(f"dlir: a B-spline spacing must be a power of 2 from 1 to 32, got {spacing}")
         self.ndim, self.spacing = ndim, spacing
         self.features = _conv_elu_blocks(ndim, 2, kernels, pools=pools)
-        self.dense = nn.Sequential(conv(ndim, kernels, dense_features, 1), nn.ELU(),
-                                   conv(ndim, dense_features, dense_features, 1), nn.ELU())
-        self.output = conv(ndim, dense_features, ndim, 1)
+        self.dense = nn.Sequential(conv(ndim, kernels, kernels, 1), nn.ELU(), conv(ndim, kernels, kernels, 1), nn.ELU())
+        self.output = conv(ndim, kernels, ndim, 1)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
     def control_points(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """Control displacements ``B x d x *(floor(S / spacing) + 4)`` (voxels), edge-extended by 2."""
-        control = self.output(self.dense(self.features(torch.cat([fixed, moving], dim=1))))
-        return F.pad(control, (2, 2) * self.ndim, mode="replicate")
+        """Control displacements ``B x d x *floor(S / s)`` (voxels), point i at voxel ``i s + floor((s - 1) / 2)``."""
+        return self.output(self.dense(self.features(torch.cat([fixed, moving], dim=1))))
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         shape = fixed.shape[2:]

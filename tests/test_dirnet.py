@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from regbench.blocks.bspline import bspline_displacement
+from regbench.blocks.bspline import bspline_displacement, cubic_bspline
 from regbench.blocks.losses import global_ncc
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
@@ -81,10 +81,10 @@ def test_an_untrained_dirnet_is_the_identity_in_2d_and_3d(dirnet, shape):
     fixed, moving = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
     u = dirnet.register(net, fixed, moving, recipe)
     assert u.shape == (2, ndim, *shape) and u.abs().max() == 0
-    # and a trained-looking one predicts a control grid at the spacing: floor(S / 8) + 2 + 2 points per axis
+    # and a trained-looking one predicts TorchIR's control grid at the spacing: floor(S / 8) points per axis
     set_output(net, weight_std=0.5)
     control = net.control_points(fixed, moving)
-    assert control.shape == (2, ndim, *[s // 8 + 4 for s in shape])
+    assert control.shape == (2, ndim, *[s // 8 for s in shape])
     torch.testing.assert_close(net(fixed, moving), bspline_displacement(control, shape, 8))
 
 
@@ -103,13 +103,21 @@ def test_the_regressor_has_the_papers_layers(dirnet):
     assert parameter_count(net3d) == (27 * 2 * 16 + 16) + 4 * (27 * 16 * 16 + 16) + 2 * (16 * 16 + 16) + (16 * 3 + 3)
 
 
-def test_a_constant_control_grid_gives_that_displacement_everywhere(dirnet):
-    # the two repeated edge points give every voxel, up to the image border, the full partition of unity
+def test_a_constant_control_grid_falls_off_past_its_points_as_torchirs(dirnet):
+    # 11 x 11 control points at voxels 7, 23, ..., 167 (i 16 + 7), zero beyond: the constant from the second point
+    # to the second-to-last, then less towards the border
     net, recipe = build(dirnet, 2, spacing=16)
     set_output(net, bias=[1.5, -2.0])
-    u = net(torch.rand(1, 1, 176, 176), torch.rand(1, 1, 176, 176))
-    torch.testing.assert_close(u[0, 0], torch.full((176, 176), 1.5))
-    torch.testing.assert_close(u[0, 1], torch.full((176, 176), -2.0))
+    u = net(torch.rand(1, 1, 176, 176), torch.rand(1, 1, 176, 176))[0]
+    constant = torch.tensor([1.5, -2.0])
+    torch.testing.assert_close(u[:, 23:152, 23:152], constant.view(2, 1, 1).expand(2, 129, 129))
+    # the last voxel, 175, is half a spacing past the last point: beta(1/2) + beta(3/2) = 1/2 along that axis
+    torch.testing.assert_close(u[:, 175, 100], constant / 2)
+    torch.testing.assert_close(u[:, 175, 175], constant / 4)
+    # the first voxel sees the points at 7 and 23: beta(7/16) + beta(23/16) = 2/3 - 491/4096
+    torch.testing.assert_close(u[:, 0, 100], constant * (2 / 3 - 491 / 4096))
+    edge = cubic_bspline(torch.tensor(7 / 16)) + cubic_bspline(torch.tensor(23 / 16))
+    assert edge.item() == pytest.approx(2 / 3 - 491 / 4096)
 
 
 def test_training_uses_amsgrad(dirnet):
@@ -132,7 +140,7 @@ def test_bad_input_is_refused_with_a_clear_error(dirnet):
 
 
 def test_short_training_lowers_the_loss_and_beats_identity(dirnet, small_embedded2d, tmp_path):
-    # 150 steps of the quick recipe (about 11 s of one core): Dice 0.558 -> 0.674 on these 4 test pairs
+    # 150 steps of the quick recipe (about 11 s of one core)
     recipe = dirnet.recipe("quick", {"iterations": 150, "checkpoint_every": 1000})
     run = short_training(dirnet, recipe, small_embedded2d, tmp_path / "run")
     assert run.saved_recipe == recipe and run.summary["iterations"] == 150

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from regbench.blocks.affine import affine_displacement
-from regbench.blocks.bspline import bspline_displacement
+from regbench.blocks.bspline import bspline_displacement, cubic_bspline
 from regbench.blocks.losses import bending_energy, global_ncc
 from regbench.method import TRAINING_KEYS
 from regbench.plugins import load_method
@@ -22,6 +22,15 @@ def build(method, ndim, **overrides):
     torch.manual_seed(0)
     recipe = method.recipe("quick", overrides)
     return method.build(ndim, recipe), recipe
+
+
+def set_affine_heads(affine, translation=None, rotation=None, scaling=None, shear=None):
+    """Zero the affine heads' weights and set their biases (zero where not given): a chosen transform."""
+    with torch.no_grad():
+        for head, bias in ((affine.translation, translation), (affine.rotation, rotation),
+                           (affine.scaling, scaling), (affine.shear, shear)):
+            head.weight.zero_()
+            head.bias.copy_(torch.zeros_like(head.bias) if bias is None else torch.as_tensor(bias))
 
 
 def perturb(module, std=0.05, seed=1):
@@ -77,36 +86,68 @@ def test_bending_energy_of_an_affine_field_is_zero(shape):
     assert bending_energy(affine_displacement(W, b, shape)).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_bending_energy_of_quadratic_fields_has_the_hand_value():
-    # 2D: u_0 = a x^2 + b x y  ->  u_xx = 2a, u_xy = b: (2a)^2 + 2 b^2
+def test_bending_energy_of_quadratic_fields_is_averaged_over_the_components():
+    # TorchIR averages over the field's components: 2D, u_0 = a x^2 + b x y, u_1 = 0 -> ((2a)^2 + 2 b^2) / 2
     x, y = identity_grid((20, 30), dtype=torch.float64)
     a, b = 0.3, 0.5
     u = torch.stack([a * x ** 2 + b * x * y, torch.zeros_like(x)])[None]
-    assert bending_energy(u).item() == pytest.approx(4 * a ** 2 + 2 * b ** 2)
-    # 3D, over two components: u_1 = c z^2 (axis 2), u_2 = d x z  ->  (2c)^2 + 2 d^2
+    assert bending_energy(u).item() == pytest.approx((4 * a ** 2 + 2 * b ** 2) / 2)
+    # 3D, three components: u_1 = c z^2 (axis 2), u_2 = d x z  ->  ((2c)^2 + 2 d^2) / 3
     x, y, z = identity_grid((8, 9, 10), dtype=torch.float64)
     c, d = 0.2, -0.7
     u = torch.stack([torch.zeros_like(x), c * z ** 2, d * x * z])[None]
-    assert bending_energy(u).item() == pytest.approx(4 * c ** 2 + 2 * d ** 2)
+    assert bending_energy(u).item() == pytest.approx((4 * c ** 2 + 2 * d ** 2) / 3)
+
+
+def test_bending_energy_takes_torchirs_forward_stencils_on_the_first_s_minus_2_voxels():
+    # a unit spike at the origin of component 0 on 6 x 7 voxels: D_00 = D_11 = 1 and D_01 = 1 at (0, 0), all
+    # else 0, averaged over 2 components x 4 x 5 voxels: (1 + 1 + 2 * 1) / 40
+    u = torch.zeros(1, 2, 6, 7, dtype=torch.float64)
+    u[0, 0, 0, 0] = 1.0
+    assert bending_energy(u).item() == pytest.approx(4 / 40)
+    # the far corner is in no stencil of the first S - 2 voxels: nothing
+    u = torch.zeros(1, 2, 6, 7, dtype=torch.float64)
+    u[0, 1, 5, 6] = 1.0
+    assert bending_energy(u).item() == 0.0
 
 
 def test_bending_energy_of_a_random_bspline_field_is_positive():
     control = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert bending_energy(bspline_displacement(control, (40, 40), 6)).item() > 0
+    assert bending_energy(bspline_displacement(control, (40, 40), 5)).item() > 0
 
 
 # --- the stages ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(64, 48), (32, 32, 24)])
-def test_an_untrained_stack_is_the_identity_in_2d_and_3d(dlir, shape):
+def test_untrained_bspline_stages_are_the_identity_in_2d_and_3d(dlir, shape):
     ndim = len(shape)
     net, recipe = build(dlir, ndim)
     assert net.stage_names == ["affine", "bspline16", "bspline8"]
     fixed, moving = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
     u = dlir.register(net, fixed, moving, recipe)
-    assert u.shape == (2, ndim, *shape) and u.abs().max().item() == 0.0
+    # the B-spline stages' zero-initialised outputs add nothing to the affine stage's transform
+    torch.testing.assert_close(u, net(fixed, moving, upto=1)[0])
+    assert u.shape == (2, ndim, *shape)
+    deformable, recipe = build(dlir, ndim, affine=False, stage_iterations=[1, 1])
+    assert deformable.stage_names == ["bspline16", "bspline8"]
+    assert dlir.register(deformable, fixed, moving, recipe).abs().max().item() == 0.0
     terms = dlir.loss_terms(net, {"fixed": fixed, "moving": moving}, recipe)
     assert all(torch.isfinite(value) for _, value in terms.values())
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_affine_heads_keep_pytorchs_default_initialisation(dlir, ndim):
+    # TorchIR's AIRNet leaves its heads as nn.Linear makes them: weights and biases uniform in +-1/sqrt(64)
+    net, _ = build(dlir, ndim)
+    affine = net.stages[0]
+    for head in (affine.translation, affine.rotation, affine.scaling, affine.shear):
+        assert head.in_features == 64
+        assert 1 / 16 < head.weight.abs().max() <= 1 / 8 and (head.weight != 0).all()
+        assert head.bias.abs().max() <= 1 / 8 and (head.bias != 0).all()
+    # so the untrained stage is a transform near, not at, the identity
+    shape = (32,) * ndim
+    u = affine(torch.rand(1, 1, *shape), torch.rand(1, 1, *shape))
+    assert 0.01 < u.abs().max() < 0.5 * 32
 
 
 @pytest.mark.parametrize("ndim, count", [(2, 6), (3, 12)])
@@ -116,11 +157,9 @@ def test_the_affine_stage_has_the_papers_parameters(dlir, ndim, count):
     heads = (affine.translation, affine.rotation, affine.scaling, affine.shear)
     assert sum(head.out_features for head in heads) == count
     # bounded heads: rotation tanh * pi/2, scaling 2^tanh, shear tan(tanh * pi/4)
-    with torch.no_grad():
-        affine.rotation.bias.fill_(100.0)
-        affine.scaling.bias.fill_(-100.0)
-        affine.shear.bias.fill_(100.0)
-        affine.translation.bias.copy_(torch.arange(1.0, ndim + 1))
+    planes = ndim * (ndim - 1) // 2
+    set_affine_heads(affine, translation=torch.arange(1.0, ndim + 1), rotation=[100.0] * planes,
+                     scaling=[-100.0] * ndim, shear=[100.0] * planes)
     image = torch.rand(1, 1, *([16] * ndim))
     A, t = affine.parameters_of(image, image)
     torch.testing.assert_close(t, torch.arange(1.0, ndim + 1)[None])
@@ -138,18 +177,31 @@ def test_the_affine_stage_has_the_papers_parameters(dlir, ndim, count):
 def test_rotations_are_rotations_in_3d(dlir):
     net, _ = build(dlir, 3)
     affine = net.stages[0]
-    with torch.no_grad():
-        affine.rotation.bias.copy_(torch.tensor([0.3, -0.8, 1.2]))
+    set_affine_heads(affine, rotation=[0.3, -0.8, 1.2])
     A, _ = affine.parameters_of(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16))
     torch.testing.assert_close(A[0] @ A[0].T, torch.eye(3), atol=1e-6, rtol=0)
     assert torch.linalg.det(A[0]).item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_a_bspline_stage_predicts_a_control_grid_at_its_spacing(dlir):
+def test_a_bspline_stage_predicts_torchirs_control_grid_at_its_spacing(dlir):
     net, _ = build(dlir, 2)
     stage = net.stages[2]  # spacing 8
-    control = stage.control_points(torch.rand(1, 1, 64, 48), torch.rand(1, 1, 64, 48))
-    assert control.shape == (1, 2, 64 // 8 + 4, 48 // 8 + 4)
+    fixed, moving = torch.rand(1, 1, 64, 44), torch.rand(1, 1, 64, 44)
+    control = stage.control_points(fixed, moving)
+    assert control.shape == (1, 2, 64 // 8, 44 // 8)  # the pooled grid, nothing added around it
+    # TorchIR's DIRNet: the 1x1 "dense" layers as wide as the convolutions (16 kernels in the quick recipe)
+    assert [m.out_channels for m in stage.dense if isinstance(m, torch.nn.Conv2d)] == [16, 16]
+    assert stage.output.in_channels == 16
+    # a constant control grid, points at voxels 3, 11, ..., 59 (and 3, ..., 35): the constant between the second
+    # and the second-to-last point; past the grid the controls are zero, so the field falls off to the border
+    with torch.no_grad():
+        stage.output.bias.copy_(torch.tensor([1.5, -2.0]))
+    u = stage(fixed, moving)[0]
+    torch.testing.assert_close(u[:, 11:52, 11:28], torch.tensor([1.5, -2.0]).view(2, 1, 1).expand(2, 41, 17))
+    # voxel 63 is half a spacing past the last point (59): beta(1/2) + beta(3/2) = 1/2; voxel 0 sees points 3 and 11
+    edge = cubic_bspline(torch.tensor(3 / 8)) + cubic_bspline(torch.tensor(11 / 8))
+    torch.testing.assert_close(u[:, 63, 20], torch.tensor([0.75, -1.0]))
+    torch.testing.assert_close(u[:, 0, 20], torch.tensor([1.5, -2.0]) * edge)
     with pytest.raises(ValueError, match="power of 2"):
         build(dlir, 2, spacings=[12])
 
@@ -172,8 +224,7 @@ def test_training_stages_are_the_stage_modules_in_order(dlir):
 def test_earlier_stages_feed_later_ones_and_the_stages_compose(dlir):
     net, recipe = build(dlir, 2)
     perturb(net.stages[1])
-    with torch.no_grad():
-        net.stages[0].translation.bias.copy_(torch.tensor([2.0, -1.5]))
+    set_affine_heads(net.stages[0], translation=[2.0, -1.5])
     seen = {}
     net.stages[1].register_forward_hook(lambda module, inputs, output: seen.update(moving=inputs[1], u=output))
     fixed, moving = torch.rand(1, 1, 48, 48), torch.rand(1, 1, 48, 48)
@@ -250,9 +301,9 @@ def test_short_training_lowers_the_loss_and_beats_identity(dlir, small_embedded2
     assert run.trained_loss < run.untrained_loss - 0.01, (run.untrained_loss, run.trained_loss)
     assert run.trained_dice > run.identity_dice + 0.05, (run.identity_dice, run.trained_dice)
     # the B-spline stages do the work (the data's affine part is small): each improves on the stack before it
-    dice_by_stage = [registered_dice(dlir, net, recipe, run.pairs, lambda n, b, k=k: n(b["fixed"], b["moving"], upto=k)[0])
-                     for k in (1, 2, 3)]
-    assert dice_by_stage[1] > dice_by_stage[0] + 0.02 and dice_by_stage[2] > dice_by_stage[1], dice_by_stage
+    dice_by_stage = [registered_dice(dlir, net, recipe, run.pairs,
+                                     lambda n, b, k=k: n(b["fixed"], b["moving"], upto=k)[0]) for k in (1, 2, 3)]
+    assert dice_by_stage[0] < dice_by_stage[1] < dice_by_stage[2], dice_by_stage
 
 
 SHORT = {"iterations": 420, "checkpoint_every": 1000}

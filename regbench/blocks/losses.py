@@ -294,34 +294,34 @@ __all__ += ["invertibility_loss"]
 
 
 def bending_energy(u: torch.Tensor) -> torch.Tensor:
-    """Bending energy of a field ``u`` (``B x ndim x *spatial``, voxels), Rueckert et al. 1999; DLIR's regulariser.
+    """Bending energy of a field ``u`` (``B x ndim x *spatial``, voxels), Rueckert et al. 1999; DLIR's regulariser as
+    TorchIR computes it (``bending_energy_2d/3d``, de Vos et al.): averaged over the components as well as the
+    voxels. To be minimised.
 
-    Per component ``u_c`` and voxel, the squared second derivatives with the cross terms doubled,
+    With nested forward differences ``D_kk = u(x + 2 e_k) - 2 u(x + e_k) + u(x)`` and
+    ``D_kl = u(x + e_k + e_l) - u(x + e_k) - u(x + e_l) + u(x)``, all taken at the voxels x whose every stencil
+    fits (the first ``S - 2`` along every axis),
 
-        P = sum_c [ sum_k (d^2 u_c / dx_k^2)^2 + 2 sum_{k<l} (d^2 u_c / dx_k dx_l)^2 ]
+        P = mean over batch, components and those voxels of [ sum_k D_kk^2 + 2 sum_{k<l} D_kl^2 ].
 
-    (2D: ``u_xx^2 + u_yy^2 + 2 u_xy^2``), averaged over the voxels and the batch (each term over the voxels
-    where its stencil fits) and summed over the components. ``d^2/dx_k^2`` is the central second difference
-    ``u(x + e_k) - 2 u(x) + u(x - e_k)``; the mixed derivative is a forward difference along l of a forward
-    difference along k (TorchIR's nested forward differences). Both are exact on quadratics, so
-    ``u_0 = a x_0^2 + b x_0 x_1`` (all else 0) gives ``4 a^2 + 2 b^2``; any affine field gives 0, so the
-    energy of the displacement equals that of the transform ``id + u``. To be minimised.
+    Both stencils are exact on quadratics: ``u_0 = a x_0^2 + b x_0 x_1`` (all else 0) gives ``(4 a^2 + 2 b^2) / 2``
+    in 2D (the sum over components divided by ndim); an affine field gives 0, so the energy of the displacement is
+    that of the transform ``id + u``.
     """
     if u.ndim < 3 or u.shape[1] != u.ndim - 2:
         raise ValueError(f"u must be B x ndim x *spatial, got shape {tuple(u.shape)}")
-    total = u.new_zeros(())
+    if min(u.shape[2:]) < 3:
+        raise ValueError(f"bending_energy needs at least 3 voxels along every axis, got shape {tuple(u.shape)}")
     axes = range(2, u.ndim)
+    crop = [slice(None), slice(None)] + [slice(0, n - 2) for n in u.shape[2:]]
+    total = 0
     for k in axes:
-        n = u.shape[k]
-        if n < 3:
-            raise ValueError(f"bending_energy needs at least 3 voxels along every axis, got shape {tuple(u.shape)}")
-        second = u.narrow(k, 2, n - 2) - 2 * u.narrow(k, 1, n - 2) + u.narrow(k, 0, n - 2)
-        total = total + second.square().sum(1).mean()
+        first = torch.diff(u, dim=k)
         for l in axes:
-            if l > k:
-                mixed = torch.diff(torch.diff(u, dim=k), dim=l)
-                total = total + 2 * mixed.square().sum(1).mean()
-    return total
+            if l >= k:
+                second = torch.diff(first, dim=l)[tuple(crop)]
+                total = total + (1 if l == k else 2) * second.square()
+    return total.mean()
 
 
 __all__ += ["bending_energy"]
