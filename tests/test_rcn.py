@@ -1,13 +1,16 @@
 """RCN: similarity on the final warped image only, regularisation on every cascade, configurable and
 repeatable cascades, and a short training that registers."""
+import math
+
 import pytest
 import torch
 
 from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
 from regbench.blocks.cascade import CascadeNet, VTNFlow, correlation_loss, stage_smoothness, voxelmorph_flow
+from regbench.blocks.spatial import compose_displacements, warp
+from regbench.geometry import WorkingGrid
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.blocks.spatial import compose_displacements, warp
 from short_training import short_training
 
 
@@ -60,8 +63,14 @@ def test_recipes_hold_the_codes_numbers(rcn):
     assert (paper["width"], paper["levels"], paper["affine_width"], paper["flow_scale"]) == (16, 6, 16, None)
     assert (paper["similarity_weight"], paper["smoothness_weight"], paper["det_weight"], paper["ortho_weight"]) == \
         (1.0, 1.0, 0.1, 0.1)
-    assert (paper["lr"], paper["batch_size"], paper["iterations"], paper["lr_halvings"]) == (1e-4, 4, 100_000, [0.6, 0.8])
+    assert (paper["lr"], paper["batch_size"], paper["iterations"], paper["lr_halvings"]) == \
+        (1e-4, 4, 100_000, [0.6, 0.8])
     assert (paper["augmentation"], paper["warp_gradient"]) == (0.4, True)
+    # the paper's cube, the code's initialisation
+    assert (paper["working_size"], paper["head_init"]) == (128, "uniform_scaling")
+    quick = rcn.recipe("quick")
+    assert (quick["working_size"], quick["head_init"], quick["rep"], quick["test_rep"]) == \
+        (128, "near_identity", 1, 1)
     assert [(s.iterations, s.lr, s.lr_decay) for s in rcn.training_stages(small(rcn)[0], paper)] == \
         [(100_000, 1e-4, ([60_000, 80_000], 0.5))]
 
@@ -159,11 +168,31 @@ def test_shared_weight_repetition_composes_each_cascade_again():
     torch.testing.assert_close(out.displacement, expected)
 
 
-def test_training_and_test_time_repetition(rcn):
-    net, recipe = small(rcn, n_cascades=2, rep=2)
+def test_training_repetition_scores_every_repeat_of_the_last_cascade_as_the_code(rcn):
+    # n = 2 cascades, rep = 2: stages a a b b (warped images M_1 ... M_4). The code's repeats of a cascade share
+    # one loss entry, and the last cascade's scores the similarity: M_3 and M_4, not M_1 and M_2.
+    net, recipe = small(rcn, n_cascades=2, rep=2, similarity_weight=0.7)
+    net.eval()
     batch = batch_of()
     terms = rcn.loss_terms(net, batch, recipe)
     assert sorted(name for name in terms if name.startswith("smoothness")) == [f"smoothness_{k}" for k in range(1, 5)]
+    assert sorted(name for name in terms if name.startswith("similarity")) == ["similarity_3", "similarity_4"]
+    out = net(batch["fixed"], batch["moving"], rep=2)
+    for k in (3, 4):
+        assert terms[f"similarity_{k}"][0] == 0.7
+        torch.testing.assert_close(terms[f"similarity_{k}"][1], correlation_loss(batch["fixed"], out.warped[k]))
+    assert not torch.isclose(terms["similarity_3"][1], terms["similarity_4"][1])
+    # the first repeat's similarity trains the last cascade through M_3 (and the first, through the composition)
+    net.zero_grad(set_to_none=True)
+    terms["similarity_3"][1].backward()
+    assert all(sum(p.grad.abs().sum() for p in stage.parameters()) > 0 for stage in net.stages)
+    # rep = 1 (the paper): one similarity, on the final image
+    assert [name for name in rcn.loss_terms(net, batch, dict(recipe, rep=1)) if name.startswith("similarity")] == \
+        ["similarity"]
+
+
+def test_test_time_repetition(rcn):
+    batch = batch_of()
     # at test time: more cascades from the same weights, no new parameters
     net, recipe = small(rcn, n_cascades=2)
     once = rcn.register(net, batch["fixed"], batch["moving"], recipe)
@@ -173,6 +202,31 @@ def test_training_and_test_time_repetition(rcn):
     assert parameter_count(small(rcn, n_cascades=2, test_rep=3)[0]) == parameter_count(net)
     with pytest.raises(ValueError, match="rep"):
         net(batch["fixed"], batch["moving"], rep=0)
+
+
+@pytest.mark.parametrize("recipe_name", ["paper", "quick"])
+def test_the_network_runs_on_the_papers_cube(rcn, recipe_name):
+    recipe = rcn.recipe(recipe_name)
+    assert rcn.working_grid(3, recipe) == WorkingGrid((128, 128, 128))
+    assert rcn.working_grid(2, recipe) == WorkingGrid((128, 128))        # the same key in 2D
+    assert rcn.working_grid(2, dict(recipe, working_size=0)) is None     # 0: the dataset's grid
+    net, recipe = small(rcn, n_cascades=2, working_size=32)
+    adapter = rcn.grid_adapter((40, 30), (1.0, 2.0), recipe)
+    assert adapter.shape == (32, 32)
+    u = rcn.register_on_dataset_grid(net, torch.rand(1, 1, 40, 30), torch.rand(1, 1, 40, 30), recipe, adapter)
+    assert u.shape == (1, 2, 40, 30)
+
+
+def test_the_heads_start_from_tflearns_uniform_scaling_as_the_code(rcn):
+    torch.manual_seed(0)
+    official = rcn.build(2, rcn.recipe("quick", {"head_init": "uniform_scaling"}))
+    bound = math.sqrt(3 / official.affine.matrix.in_features)
+    assert 0.9 * bound < official.affine.matrix.weight.abs().max() <= bound
+    assert official.stages[0].final.weight.abs().max() > 0.9 * math.sqrt(3 / (16 * 2))
+    near_identity = rcn.build(2, rcn.recipe("quick"))
+    assert near_identity.affine.matrix.weight.abs().max() < 1e-4 and near_identity.stages[0].final.weight.std() < 1e-4
+    with pytest.raises(ValueError, match="head_init"):
+        rcn.build(2, rcn.recipe("quick", {"head_init": "zeros"}))
 
 
 @pytest.mark.parametrize("base_network", ["vtn", "voxelmorph"])

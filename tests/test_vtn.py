@@ -10,9 +10,10 @@ from regbench.blocks.affine import (affine_displacement, affine_matrix, compose_
 from regbench.blocks.cascade import (AffineStem, CascadeNet, VTNFlow, _cubic_bspline_basis, correlation_loss,
                                      random_ffd, stage_smoothness, uniform_scaling_init_)
 from regbench.blocks.losses import invertibility_loss
+from regbench.blocks.spatial import compose_displacements, warp
+from regbench.geometry import WorkingGrid
 from regbench.method import TRAINING_KEYS, parameter_count
 from regbench.plugins import load_method
-from regbench.blocks.spatial import compose_displacements, warp
 from short_training import short_training
 
 
@@ -56,10 +57,16 @@ def test_recipes_hold_the_codes_numbers(vtn):
     assert set(TRAINING_KEYS) <= set(paper) and set(paper) == set(vtn.recipe("quick"))
     assert (paper["n_cascades"], paper["width"], paper["levels"], paper["affine_width"], paper["flow_scale"]) == \
         (3, 16, 6, 16, 20.0)
-    assert (paper["similarity_weight"], paper["affine_similarity_weight"], paper["smoothness_weight"]) == (1.0, 0.0, 1.0)
+    assert (paper["similarity_weight"], paper["affine_similarity_weight"], paper["smoothness_weight"]) == \
+        (1.0, 0.0, 1.0)
     assert (paper["det_weight"], paper["ortho_weight"], paper["inverse_weight"]) == (0.1, 0.1, 0.0)
-    assert (paper["lr"], paper["batch_size"], paper["iterations"], paper["lr_halvings"]) == (1e-4, 4, 100_000, [0.6, 0.8])
+    assert (paper["lr"], paper["batch_size"], paper["iterations"], paper["lr_halvings"]) == \
+        (1e-4, 4, 100_000, [0.6, 0.8])
     assert (paper["augmentation"], paper["warp_gradient"]) == (0.4, True)
+    # the paper's cube, the code's initialisation
+    assert (paper["working_size"], paper["head_init"]) == (128, "uniform_scaling")
+    quick = vtn.recipe("quick")
+    assert (quick["working_size"], quick["head_init"], quick["inverse_weight"]) == (128, "near_identity", 0.0)
 
 
 def test_paper_schedule_halves_the_rate_after_epochs_3_and_4(vtn):
@@ -108,7 +115,47 @@ def test_affine_stem_has_the_codes_layers_and_12_or_6_parameters(ndim):
     shape = (64,) * ndim if ndim == 2 else (32,) * 3
     W, b = stem(torch.rand(2, 1, *shape), torch.rand(2, 1, *shape))
     assert W.shape == (2, ndim, ndim) and b.shape == (2, ndim)
-    assert W.abs().max() < 1e-3 and b.abs().max() < 1e-3     # an untrained stem is nearly the identity
+    near_identity = AffineStem(ndim, width=16, levels=6, init_std=1e-5)
+    W, b = near_identity(torch.rand(2, 1, *shape), torch.rand(2, 1, *shape))
+    assert W.abs().max() < 1e-3 and b.abs().max() < 1e-3     # init_std: an untrained stem is nearly the identity
+
+
+def test_the_heads_start_from_tflearns_uniform_scaling_as_the_code():
+    # the affine head (the code's 'valid' convolution over the 2^2 x 512 map: n = 2048 inputs) and the dense
+    # subnetwork's last layer (a 4 x 4 transposed convolution to 2 channels: n = 16 * 2) are drawn from
+    # U(-sqrt(3 / n), sqrt(3 / n)) like every other layer, not from near zero
+    stem, flow = AffineStem(2, width=16, levels=6), VTNFlow(2, width=16, levels=6)
+    for weight, n in ((stem.matrix.weight, 2048), (stem.translation.weight, 2048), (flow.final.weight, 32)):
+        bound = math.sqrt(3 / n)
+        assert 0.9 * bound < weight.abs().max() <= bound
+    layer = uniform_scaling_init_(torch.nn.Linear(300, 7))
+    assert 0.9 * math.sqrt(3 / 300) < layer.weight.abs().max() <= math.sqrt(3 / 300)
+    # so an untrained cascade predicts a random field of voxels, as the code's; with the quick recipe's
+    # "near_identity" (N(0, 1e-5)) it is nearly the identity
+    fixed, moving = smooth((64, 64), 1.0, 20)[:, :1], smooth((64, 64), 1.0, 21)[:, :1]
+    official, _ = build(load_method("vtn"), 2, head_init="uniform_scaling")
+    near_identity, _ = build(load_method("vtn"), 2)
+    with torch.no_grad():
+        assert official(fixed, moving).displacement.abs().mean() > 0.5
+        assert near_identity(fixed, moving).displacement.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("recipe_name", ["paper", "quick"])
+def test_the_network_runs_on_the_papers_cube(vtn, recipe_name):
+    recipe = vtn.recipe(recipe_name)
+    assert vtn.working_grid(3, recipe) == WorkingGrid((128, 128, 128))
+    assert vtn.working_grid(2, recipe) == WorkingGrid((128, 128))        # the same key in 2D
+    assert vtn.working_grid(2, dict(recipe, working_size=0)) is None     # 0: the dataset's grid
+    # on a non-cubic, anisotropic dataset grid the network sees the cube, the displacement comes back
+    adapter = vtn.grid_adapter((40, 30), (1.0, 2.0), recipe)
+    assert adapter.shape == (128, 128) and adapter.spacing == pytest.approx((58 / 127,) * 2)
+    # at 128^d the paper's 6 stride-2 levels leave the 2^d map the code's 'valid' affine head needs
+    stem = AffineStem(3, width=2, levels=vtn.recipe("paper")["levels"])
+    assert stem.encoder(torch.zeros(1, 2, 128, 128, 128))[-1].shape[2:] == (2, 2, 2)
+    net, recipe = small(vtn, working_size=32)
+    fixed, moving = torch.rand(1, 1, 40, 30), torch.rand(1, 1, 40, 30)
+    u = vtn.register_on_dataset_grid(net, fixed, moving, recipe, vtn.grid_adapter((40, 30), (1.0, 2.0), recipe))
+    assert u.shape == (1, 2, 40, 30)
 
 
 def test_uniform_scaling_initialisation_is_tflearns():
@@ -265,6 +312,27 @@ def test_optional_terms_affine_similarity_and_invertibility(vtn):
     torch.testing.assert_close(terms["inverse"][1], invertibility_loss(out.displacement, backward.displacement))
     assert terms["inverse"][1] > 0
     assert "inverse" not in vtn.loss_terms(net, batch, vtn.recipe("quick"))
+
+
+def test_the_papers_invertibility_scores_the_backward_registration_too(vtn):
+    # the paper's variant: the pair registered both ways, the backward direction (moving -> fixed) scored with
+    # every term of the forward one, and both round trips penalised
+    net, recipe = small(vtn, inverse_weight=0.25, similarity_weight=0.9, smoothness_weight=0.5)
+    net.eval()
+    batch = {"fixed": smooth((40, 40), 1.0, 13)[:, :1], "moving": smooth((40, 40), 1.0, 14)[:, :1]}
+    terms = vtn.loss_terms(net, batch, recipe)
+    forward = ["similarity_1", "similarity_2", "smoothness_1", "smoothness_2", "det", "ortho"]
+    assert sorted(terms) == sorted(forward + [name + "_backward" for name in forward] + ["inverse"])
+    backward = net(batch["moving"], batch["fixed"])
+    for k in (1, 2):   # 1 - CC of the backward warped images against the moving image, as the code would score them
+        torch.testing.assert_close(terms[f"similarity_{k}_backward"][1],
+                                   correlation_loss(batch["moving"], backward.warped[k]))
+        torch.testing.assert_close(terms[f"smoothness_{k}_backward"][1], stage_smoothness(backward.flows[k - 1]))
+        assert terms[f"similarity_{k}_backward"][0] == 0.9 and terms[f"smoothness_{k}_backward"][0] == 0.5
+    torch.testing.assert_close(terms["det_backward"][1], determinant_loss(affine_matrix(backward.W)))
+    assert not torch.isclose(terms["similarity_2_backward"][1], terms["similarity_2"][1])
+    # without the invertibility loss the pair is registered one way only
+    assert not any(name.endswith("_backward") for name in vtn.loss_terms(net, batch, dict(recipe, inverse_weight=0.0)))
 
 
 def test_invertibility_loss_by_hand():

@@ -59,14 +59,16 @@ NEGATIVE_SLOPE = 0.1
 def uniform_scaling_init_(module: nn.Module) -> nn.Module:
     """tflearn's default ``uniform_scaling`` initialisation, which the official code uses for every layer.
 
-    Each (transposed) convolution weight is drawn from ``U(-sqrt(3 / n), sqrt(3 / n))`` with ``n`` the
-    product of the TensorFlow kernel's dimensions but the last (``k^d x in`` for a convolution, ``k^d x out``
-    for a transposed one: in PyTorch's layout both are ``weight[0].numel()``); biases start at 0. PyTorch's
-    default draws from ``U(-sqrt(1 / n), sqrt(1 / n))``, which for VTN's 12 layers without normalisation
-    shrinks the activations of the deep levels some thousandfold.
+    Each (transposed) convolution or fully connected weight is drawn from ``U(-sqrt(3 / n), sqrt(3 / n))``
+    with ``n`` the product of the TensorFlow kernel's dimensions but the last (``k^d x in`` for a convolution,
+    ``k^d x out`` for a transposed one, the inputs of a fully connected layer: in PyTorch's layout all are
+    ``weight[0].numel()``); biases start at 0. The affine head, a 'valid' convolution over the ``2^d x 512``
+    map in the code, is a fully connected layer of the same ``n`` here. PyTorch's default draws from
+    ``U(-sqrt(1 / n), sqrt(1 / n))``, which for VTN's 12 layers without normalisation shrinks the activations of
+    the deep levels some thousandfold.
     """
     for layer in module.modules():
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                               nn.ConvTranspose3d)):
             bound = math.sqrt(3.0 / layer.weight[0].numel())
             with torch.no_grad():
@@ -132,13 +134,14 @@ class VTNFlow(nn.Module):
     (the code's ``20 * flow_multiplier``, ``flow_multiplier = 1 / n`` for ``n`` deformable cascades).
     Transposed convolutions are 4^d, stride 2, without bias; any input size works (odd sizes are cropped).
 
-    Initialisation: tflearn's uniform scaling (:func:`uniform_scaling_init_`), except the last layer,
-    drawn from N(0, ``init_std``) so that an untrained subnetwork is nearly the identity (the code starts
-    every cascade from a random field several voxels large).
+    Initialisation: tflearn's uniform scaling (:func:`uniform_scaling_init_`) of every layer, the last one
+    included, as the code: an untrained subnetwork predicts a random field several voxels large. With
+    ``init_std`` the last layer is drawn from N(0, ``init_std``) instead (an untrained subnetwork is nearly
+    the identity).
     """
 
     def __init__(self, ndim: int, width: int = 16, levels: int = 6, flow_scale: float = 20.0,
-                 in_channels: int = 2, init_std: float = 1e-5):
+                 in_channels: int = 2, init_std: float | None = None):
         super().__init__()
         self.ndim, self.flow_scale = ndim, float(flow_scale)
         self.encoder = VTNEncoder(ndim, in_channels, width, levels)
@@ -153,8 +156,9 @@ class VTNFlow(nn.Module):
             channels = 2 * skip + ndim
         self.final = _transposed(ndim, channels, ndim)
         uniform_scaling_init_(self)
-        with torch.no_grad():
-            self.final.weight.normal_(0.0, init_std)
+        if init_std is not None:
+            with torch.no_grad():
+                self.final.weight.normal_(0.0, init_std)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         x = torch.cat([fixed, moving], dim=1)
@@ -180,11 +184,13 @@ class AffineStem(nn.Module):
     The code's head is a 'valid' convolution as large as the coarsest map (2^d at 128^d), so it only fits
     one input size. Here the coarsest map is first average-pooled to ``head_size^d`` (adaptively; at
     the paper's 128^d with 6 levels it is already 2^d and the pooling does nothing), so any size works.
-    The head starts from N(0, ``init_std``) weights: an untrained stem predicts nearly the identity.
+    Every layer, the head included, starts from tflearn's uniform scaling (:func:`uniform_scaling_init_`),
+    as the code; with ``init_std`` the head is drawn from N(0, ``init_std``) instead (an untrained stem then
+    predicts nearly the identity).
     """
 
     def __init__(self, ndim: int, width: int = 16, levels: int = 6, head_size: int = 2, in_channels: int = 2,
-                 init_std: float = 1e-5):
+                 init_std: float | None = None):
         super().__init__()
         self.ndim, self.head_size = ndim, head_size
         self.encoder = VTNEncoder(ndim, in_channels, width, levels)
@@ -192,9 +198,10 @@ class AffineStem(nn.Module):
         self.matrix = nn.Linear(features, ndim * ndim, bias=False)
         self.translation = nn.Linear(features, ndim, bias=False)
         uniform_scaling_init_(self)
-        with torch.no_grad():
-            self.matrix.weight.normal_(0.0, init_std)
-            self.translation.weight.normal_(0.0, init_std)
+        if init_std is not None:
+            with torch.no_grad():
+                self.matrix.weight.normal_(0.0, init_std)
+                self.translation.weight.normal_(0.0, init_std)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.encoder(torch.cat([fixed, moving], dim=1))[-1]
@@ -286,17 +293,27 @@ class CascadeNet(nn.Module):
 
 
 BASE_NETWORKS = ("vtn", "voxelmorph")
+#: How the affine head and the VTN subnetworks' last layers start: the standard deviation of their weights, or None
+#: for tflearn's uniform scaling like every other layer (the official code)
+HEAD_INITS = {"uniform_scaling": None, "near_identity": 1e-5}
 
 
 def build_cascade(ndim: int, n_cascades: int, base_network: str = "vtn", width: int = 16, levels: int = 6,
-                  affine: bool = True, affine_width: int = 16, flow_scale: float | None = None) -> CascadeNet:
+                  affine: bool = True, affine_width: int = 16, flow_scale: float | None = None,
+                  head_init: str = "uniform_scaling") -> CascadeNet:
     """An affine stem and ``n_cascades`` dense subnetworks, as the official code assembles them.
 
     ``base_network`` ``"vtn"`` (:class:`VTNFlow`, ``width``, ``levels``) or ``"voxelmorph"``
     (:func:`voxelmorph_flow`, ``width``); every dense output is multiplied by ``flow_scale / n_cascades``
     (the code's ``flow_multiplier = 1 / n``; ``flow_scale`` defaults to VTN's 20 and VoxelMorph's 1).
-    The affine stem (``affine_width``, ``levels``) is :class:`AffineStem`.
+    The affine stem (``affine_width``, ``levels``) is :class:`AffineStem`. ``head_init`` ``"uniform_scaling"``:
+    every layer from tflearn's uniform scaling, as the code; ``"near_identity"``: the affine head and each VTN
+    subnetwork's last layer from N(0, 1e-5), so that an untrained cascade is nearly the identity (VoxelMorph's
+    flow layer is N(0, 1e-5) in the code either way).
     """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {tuple(HEAD_INITS)}, got {head_init!r}")
+    init_std = HEAD_INITS[head_init]
     if n_cascades < 1:
         raise ValueError(f"n_cascades must be >= 1, got {n_cascades}")
     if base_network not in BASE_NETWORKS:
@@ -305,10 +322,10 @@ def build_cascade(ndim: int, n_cascades: int, base_network: str = "vtn", width: 
         flow_scale = 20.0 if base_network == "vtn" else 1.0
     multiplier = flow_scale / n_cascades
     if base_network == "vtn":
-        stages = [VTNFlow(ndim, width, levels, multiplier) for _ in range(n_cascades)]
+        stages = [VTNFlow(ndim, width, levels, multiplier, init_std=init_std) for _ in range(n_cascades)]
     else:
         stages = [voxelmorph_flow(ndim, width, multiplier) for _ in range(n_cascades)]
-    return CascadeNet(stages, AffineStem(ndim, affine_width, levels) if affine else None)
+    return CascadeNet(stages, AffineStem(ndim, affine_width, levels, init_std=init_std) if affine else None)
 
 
 def augment_moving(moving: torch.Tensor, amplitude: float) -> torch.Tensor:
@@ -402,7 +419,8 @@ def random_ffd(batch: int, shape: Sequence[int], amplitude: float = 0.4, control
     shape = [int(s) for s in shape]
     ndim = len(shape)
     radius = amplitude ** (1.0 / power)
-    r = (torch.rand(batch, ndim, *([control_points] * ndim), generator=generator, dtype=torch.float64) - 0.5) * 2 * radius
+    r = torch.rand(batch, ndim, *([control_points] * ndim), generator=generator, dtype=torch.float64)
+    r = (r - 0.5) * 2 * radius
     field = r.abs() ** power * r.sign()
     field = field * torch.tensor([s // 4 for s in shape], dtype=torch.float64).view(1, ndim, *([1] * ndim))
     field = F.pad(field, [1, 1] * ndim)
