@@ -50,6 +50,7 @@ class Method(RegistrationMethod):
                 "of ANTs similarity metric performance in brain image registration. NeuroImage 54(3):2033-2044, "
                 "2011. ANTs (antsRegistration) affine stage through antspyx.")
     trainable = False
+    random_component = True   # Mattes MI on a randomly perturbed sample of the voxels: one run per seed
     deviations = (
         VOXEL_SPACE,
         Deviation("The paper recipe is antspyx's Affine registration, not a paper's own setting",
@@ -80,6 +81,10 @@ class Method(RegistrationMethod):
             "linear_smoothing_sigmas": [2.0, 1.0, 0.0],
         },
     }
+
+    def recipe_for_seed(self, recipe: dict, seed: int) -> dict:
+        """The run of ``seed`` samples its metric with ANTs' random seed ``random_seed + seed`` (must stay > 0)."""
+        return {**recipe, "random_seed": int(recipe["random_seed"]) + int(seed)}
 
     def stages(self, recipe: dict) -> list:
         if not recipe["linear_transform"]:

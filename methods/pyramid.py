@@ -84,6 +84,7 @@ class Method(RegistrationMethod):
     citation = ("N. Gunnarsson, J. Sjölund, T. B. Schön. Learning a Deformable Registration Pyramid. In: "
                 "Segmentation, Classification, and Registration of Multi-modality Medical Imaging Data "
                 "(MICCAI 2020 challenges, Learn2Reg), Springer LNCS, 2021, doi:10.1007/978-3-030-71827-5_10.")
+    label_terms = ("dice_weight",)   # the Dice of the warped training labels: the row learns from labels
     recipes = {
         # The code's three scripts at 64^3, batch 1 (one GPU), one after the other: pre-training, 500 epochs of
         # 50 pairs from each of three tasks at 1e-4 (75k steps); multi-task training, 100 epochs of 300 pairs a

@@ -91,6 +91,7 @@ class Method(RegistrationMethod):
 
     # The papers tuned lambda (TMI 2019, Fig. 6); the rate is what every user sets. Both recipes' values inside.
     search_space = {"smoothness_weight": SearchRange(0.01, 10.0, "log"), "lr": SearchRange(1e-5, 1e-2, "log")}
+    label_terms = ("dice_weight",)   # TMI's auxiliary segmentation loss: > 0 and the row learns from labels
     deviations = (
         Deviation("Convolutions keep PyTorch's default initialisation",
                   "voxelmorph's PyTorch code does the same; the Keras original of the papers used He-normal."),

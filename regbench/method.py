@@ -111,6 +111,33 @@ class RegistrationMethod:
     search_space: dict[str, SearchRange] = {}
     #: Recipe keys that count optimiser steps; tuning trains with the same fraction of each for every method.
     budget_keys: tuple[str, ...] = ("iterations",)
+    #: A method without training whose result depends on a random seed (ANTs' sampled metrics): it runs once per
+    #: seed of the config (:meth:`recipe_for_seed`), as learned methods train once per seed; False: it runs once.
+    random_component: bool = False
+    #: Recipe keys weighting a loss on segmentations (a soft Dice term): a row whose recipe gives one a weight > 0
+    #: learned from labels (:meth:`supervision`), and is ranked with the methods that did.
+    label_terms: tuple[str, ...] = ()
+
+    @property
+    def seeded(self) -> bool:
+        """True when the method runs once per seed (it trains, or has a random component)."""
+        return self.trainable or self.random_component
+
+    def recipe_for_seed(self, recipe: dict[str, Any], seed: int) -> dict[str, Any]:
+        """The recipe of the run with ``seed`` (a method with a random component puts the seed where it belongs)."""
+        return recipe
+
+    def supervision(self, recipe: dict[str, Any]) -> str:
+        """What a row learned from, by its resolved recipe (spec/protocol.md, section 4): ``classical`` (no
+        training), ``teacher`` (another tool's fields), ``labels`` (a segmentation loss with weight > 0) or
+        ``none`` (images only)."""
+        if not self.trainable:
+            return "classical"
+        if self.needs_supervision:
+            return "teacher"
+        if any(float(recipe.get(key) or 0) > 0 for key in self.label_terms):
+            return "labels"
+        return "none"
 
     def departures(self, recipe_name: str) -> list[Deviation]:
         """The deviations that the recipe ``recipe_name`` runs with and that can change its results."""

@@ -10,6 +10,7 @@ import torch
 from regbench.data.prepared import PreparedDataset, training_batch
 from regbench.dataset import write_prepared
 from regbench.evaluation import aggregate
+from regbench.layout import run_dir
 from regbench.evaluation.scoring import evaluate_method
 from regbench.io import save_nifti
 from regbench.method import RegistrationMethod
@@ -75,7 +76,7 @@ def test_training_batches_pair_a_t1_fixed_with_a_t2_moving(two_contrasts):
 def test_evaluation_registers_the_served_contrast_and_says_so(tmp_path, with_t2):
     dataset = make_dataset(tmp_path / "data", with_t2)
     method = RecordsItsMoving()
-    method_dir = tmp_path / "results" / "tiny" / method.name
+    method_dir = run_dir(tmp_path / "results", "tiny", method.name, 0)
     evaluate_method(method, {}, dataset, method_dir, runtime_repeats=1)
     moving = torch.from_numpy(dataset.image("s0"))[None, None]
     torch.testing.assert_close(method.seen, 1 - moving if with_t2 else moving, rtol=0, atol=1e-6)

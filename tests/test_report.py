@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from regbench.workflow import cli
+from regbench.layout import run_dir
 from regbench.report import figures
 from regbench.report import page as report_page
 from regbench.workflow.config import check_config, job_settings
@@ -67,11 +68,13 @@ def run(tmp_path_factory):
 
     assert cli.main(["prepare", "--raw", str(work / "data" / "embedded2d" / "raw"), "--prepared", str(prepared),
                      "--settings", settings()]) == 0
-    assert cli.main(["train", "--prepared", str(prepared), "--out", str(results / "embedded2d" / "voxelmorph"),
+    def out(method):
+        return str(run_dir(results, "embedded2d", method, 0))
+
+    assert cli.main(["train", "--prepared", str(prepared), "--out", out("voxelmorph"),
                      "--settings", settings("voxelmorph")]) == 0
     for method in METHODS:
-        assert cli.main(["register", "--prepared", str(prepared), "--out", str(results / "embedded2d" / method),
-                         "--settings", settings(method)]) == 0
+        assert cli.main(["register", "--prepared", str(prepared), "--out", out(method), "--settings", settings(method)]) == 0
     assert cli.main(["aggregate", "--results", str(results), "--dataset", "embedded2d",
                      "--methods", ",".join(METHODS)]) == 0
     snakemake = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(work),
@@ -96,11 +99,11 @@ def test_the_report_rules_write_every_figure_and_the_page(run):
     assert "regbench commit" in page and "torch <code>" in page
     markdown = (results / "leaderboard.md").read_text()
     for method in METHODS:
-        assert re.search(rf"^\| {method}( ◆)?( †)? \|", markdown, re.M)
+        assert re.search(rf"^\| [^|]+ \| {method}( ◆)?( †)? \|", markdown, re.M)
 
 
 def test_the_report_says_what_was_tuned_and_the_run_trains_with_it(run):
-    train = json.loads((run["results"] / "embedded2d" / "voxelmorph" / "train.json").read_text())
+    train = json.loads((run_dir(run["results"], "embedded2d", "voxelmorph", 0) / "train.json").read_text())
     assert (train["recipe"]["lr"], train["recipe"]["smoothness_weight"]) == (0.002, 0.7)
     facts = json.loads((run["results"] / "report" / "embedded2d" / "figures.json").read_text())
     tuned = facts["tuning"]["methods"]["voxelmorph"]
@@ -113,7 +116,7 @@ def test_the_report_says_what_was_tuned_and_the_run_trains_with_it(run):
 
 def test_the_median_pair_is_registered_again_to_the_evaluated_scores(run):
     facts = json.loads((run["results"] / "report" / "embedded2d" / "figures.json").read_text())
-    pairs = {m: pd.read_csv(run["results"] / "embedded2d" / m / "pairs.csv") for m in METHODS}
+    pairs = {m: pd.read_csv(run_dir(run["results"], "embedded2d", m, 0) / "pairs.csv") for m in METHODS}
     assert tuple(facts["median_pair"].values()) == figures.median_pair(pairs)
     assert sorted(facts["scores"]) == sorted(METHODS)
     for method, scores in facts["scores"].items():
@@ -173,8 +176,9 @@ def _fake_results(folder: Path, dataset_id: str) -> None:
 
 
 def _cells(table_html: str, method: str) -> list[str]:
-    row = re.search(rf"<tr><th class='method' scope='row'><span class='dot' style='[^']*'></span>{method}</th>"
-                    r"(.*?)</tr>", table_html).group(1)
+    """The metric and setup cells of a method's row (after its rank, name and class)."""
+    row = re.search(rf"<th class='method' scope='row'><span class='dot' style='[^']*'></span>{method}</th>"
+                    r"<td class='text class'>.*?</td>(.*?)</tr>", table_html).group(1)
     return re.findall(r"<td[^>]*>.*?</td>", row)
 
 
@@ -192,6 +196,19 @@ def test_significance_marks_and_bold_follow_stats_csv(tmp_path):
     assert "best" in folds["a"] and "best" in folds["c"] and "◆" not in folds["b"]
     assert "2.5 M" in table and "2 h" in table
     assert "published" not in table  # no published numbers for this dataset
+
+
+def test_marks_compare_like_with_like(tmp_path):
+    """b learned from labels, a and c from images only: c is the best of its class (bold, ◆) though b beats it
+    overall, and a is significantly worse than c (p = 0.01), so it has no ◆."""
+    _fake_results(tmp_path, "toy")
+    board = pd.read_csv(tmp_path / "toy" / "leaderboard.csv").assign(supervision=["labels", "none", "none"])
+    board.to_csv(tmp_path / "toy" / "leaderboard.csv", index=False)
+    table = report_page.DatasetSection(tmp_path, "toy", ["a", "b", "c"]).tables_html()
+    dice = {m: _cells(table, m)[0] for m in "abc"}
+    assert "best" in dice["b"] and "best" in dice["c"]
+    assert "◆" not in dice["a"] and "against c: Holm-adjusted p = 0.01" in dice["a"]
+    assert "learns from" in table and ">none<" in table and ">labels<" in table
 
 
 def test_published_numbers_appear_where_the_dataset_and_method_match(tmp_path):

@@ -25,8 +25,10 @@ from regbench.evaluation.aggregate import TIMING_COLUMNS
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 40
 
+SEEDS = (0, 1)
 CONFIG = f"""
 seed: 0
+seeds: [{SEEDS[0]}, {SEEDS[1]}]
 torch_threads: 1
 datasets:
   embedded2d: {{n_train: 4, n_test: 3}}
@@ -85,6 +87,8 @@ def weights(path: Path) -> dict:
 
 
 def test_a_run_killed_while_preparing_training_and_evaluating_resumes_to_the_same_leaderboard(tmp_path):
+    """Two training seeds: the killed run resumes each seed's training where it stopped and ends with the
+    uninterrupted run's weights for both, and its leaderboard (means over seeds, intervals, ranks)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for workdir in (straight, killed):
         workdir.mkdir()
@@ -92,15 +96,17 @@ def test_a_run_killed_while_preparing_training_and_evaluating_resumes_to_the_sam
     complete(straight, "results/embedded2d/leaderboard.csv")
 
     prepared = killed / "data" / "embedded2d" / "prepared"
-    method = killed / "results" / "embedded2d" / "voxelmorph"
+    runs = {seed: killed / "results" / "embedded2d" / "voxelmorph" / f"seed{seed}" for seed in SEEDS}
 
     # 1. while preparing the data: some subjects written, the tables not
     kill_when(killed, lambda: len(list((prepared / "images").glob("*.nii.gz"))) >= 3, "data preparation")
     assert not (prepared / "dataset.json").exists()
     unlock(killed)
 
-    # 2. in the middle of training: a checkpoint written, the model not
-    kill_when(killed, lambda: (method / "checkpoint.pt").exists(), "the first checkpoint")
+    # 2. in the middle of training: a checkpoint of one seed written, its model not
+    kill_when(killed, lambda: any((run / "checkpoint.pt").exists() for run in runs.values()), "the first checkpoint")
+    seed = next(s for s, run in runs.items() if (run / "checkpoint.pt").exists())
+    method = runs[seed]
     assert not (method / "model.pt").exists()
     resumed_from = torch.load(method / "checkpoint.pt", weights_only=False)["iteration"]
     assert 0 < resumed_from < ITERATIONS
@@ -108,14 +114,15 @@ def test_a_run_killed_while_preparing_training_and_evaluating_resumes_to_the_sam
     unlock(killed)
 
     # 3. in the middle of evaluation: scoring the test pairs, nothing written yet
-    register_log = killed / "results" / "logs" / "embedded2d" / "voxelmorph" / "register.log"
+    logs = killed / "results" / "logs" / "embedded2d" / "voxelmorph" / f"seed{seed}"
+    register_log = logs / "register.log"
     kill_when(killed, lambda: register_log.exists() and "register voxelmorph" in register_log.read_text(),
               "the evaluation")
     assert not (method / "pairs.csv").exists() and not (method / "eval.json").exists()
     # training went on from the checkpoint: its progress bar counted the remaining iterations only
-    train_log = (killed / "results" / "logs" / "embedded2d" / "voxelmorph" / "train.log").read_text()
+    train_log = (logs / "train.log").read_text()
     assert re.findall(r"(\d+)/(\d+) \[", train_log)[-1] == (str(ITERATIONS - resumed_from),) * 2
-    reference = weights(straight / "results" / "embedded2d" / "voxelmorph" / "model.pt")
+    reference = weights(straight / "results" / "embedded2d" / "voxelmorph" / f"seed{seed}" / "model.pt")
     again = weights(method / "model.pt")
     assert all(torch.equal(reference[key], again[key]) for key in reference)
     kept.update(mtimes([method / "model.pt", method / "train.json"]))
@@ -124,6 +131,9 @@ def test_a_run_killed_while_preparing_training_and_evaluating_resumes_to_the_sam
     # 4. the rerun completes, recomputing nothing that was done
     complete(killed)
     assert mtimes(kept) == kept
+    for other in SEEDS:   # both seeds' weights are the uninterrupted run's
+        reference = weights(straight / "results" / "embedded2d" / "voxelmorph" / f"seed{other}" / "model.pt")
+        assert all(torch.equal(reference[k], v) for k, v in weights(runs[other] / "model.pt").items())
     first, second = (pd.read_csv(run / "results" / "embedded2d" / "leaderboard.csv") for run in (straight, killed))
     keep = [column for column in first.columns if not column.startswith(TIMING_COLUMNS)]
     pd.testing.assert_frame_equal(first[keep], second[keep])
@@ -177,6 +187,9 @@ def unguarded_writes(source: str) -> list[str]:
 
     def writes(call: ast.Call) -> bool:
         f = call.func
+        if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "yaml"
+                and len(call.args) < 2 and not any(k.arg == "stream" for k in call.keywords)):
+            return False  # yaml.dump(data) without a stream returns the text
         if isinstance(f, ast.Attribute) and (f.attr in WRITING_METHODS or (
                 isinstance(f.value, ast.Name) and (f.value.id, f.attr) in WRITING_FUNCTIONS)):
             return True
@@ -203,6 +216,7 @@ def test_every_output_is_written_through_an_atomic_path():
     assert unguarded_writes("frame.to_csv(path)\ntorch.save(net, path)\nopen(path, 'w')") == [
         "frame.to_csv(path)", "torch.save(net, path)", "open(path, 'w')"]
     assert unguarded_writes("with atomic_path(path) as tmp:\n    frame.to_csv(tmp)\nopen(path)") == []
+    assert unguarded_writes("text = yaml.safe_dump(data)\nyaml.safe_dump(data, stream)") == ["yaml.safe_dump(data, stream)"]
     found = {(str(path.relative_to(ROOT)), call)
              for folder in ("regbench", "methods", "datasets") for path in sorted((ROOT / folder).rglob("*.py"))
              for call in unguarded_writes(path.read_text())}

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = """
 seed: 0
+seeds: [0, 1]
 torch_threads: 1
 datasets:
   embedded2d: {n_train: 4}
@@ -47,13 +48,22 @@ def tiny_runs(tmp_path_factory):
 
 
 def test_every_contracted_file_is_written(tiny_runs):
+    """One folder per run: a learned method trains once per seed, a deterministic one runs once."""
     results = tiny_runs[0] / "results"
-    for method in ("identity", "voxelmorph"):
-        for name in ("pairs.csv", "labels.csv", "eval.json"):
-            assert (results / "embedded2d" / method / name).exists()
-    for name in ("model.pt", "train_log.csv", "train.json"):
-        assert (results / "embedded2d" / "voxelmorph" / name).exists()
-    assert len(re.findall(r"^\| identity( ◆)? \|", (results / "leaderboard.md").read_text(), re.M)) == 1
+    for method, seeds in (("identity", [0]), ("voxelmorph", [0, 1])):
+        assert sorted(p.name for p in (results / "embedded2d" / method).iterdir()) == [f"seed{s}" for s in seeds]
+        for seed in seeds:
+            for name in ("pairs.csv", "labels.csv", "eval.json"):
+                assert (results / "embedded2d" / method / f"seed{seed}" / name).exists()
+    for seed in (0, 1):
+        for name in ("model.pt", "train_log.csv", "train.json"):
+            assert (results / "embedded2d" / "voxelmorph" / f"seed{seed}" / name).exists()
+    first, second = (json.loads((results / "embedded2d" / "voxelmorph" / f"seed{s}" / "train.json").read_text())
+                     for s in (0, 1))
+    assert (first["seed"], second["seed"]) == (0, 1) and first["final_loss"] != second["final_loss"]
+    for name in ("leaderboard.csv", "stats.csv", "scores.csv", "ranks.csv"):
+        assert (results / "embedded2d" / name).exists()
+    assert len(re.findall(r"^\| [^|]+ \| identity( ◆)?( †)? \|", (results / "leaderboard.md").read_text(), re.M)) == 1
     assert (results / "report" / "index.html").exists()
     assert (results / "report" / "embedded2d" / "dice_per_structure.png").stat().st_size > 10_000
 
@@ -61,13 +71,17 @@ def test_every_contracted_file_is_written(tiny_runs):
 def test_leaderboard_has_one_row_per_method_and_the_contracted_columns(tiny_runs):
     board = pd.read_csv(tiny_runs[0] / "results" / "embedded2d" / "leaderboard.csv")
     assert sorted(board["method"]) == ["identity", "voxelmorph"]
-    pairs = pd.read_csv(tiny_runs[0] / "results" / "embedded2d" / "identity" / "pairs.csv")
+    pairs = pd.read_csv(tiny_runs[0] / "results" / "embedded2d" / "identity" / "seed0" / "pairs.csv")
     assert len(pairs) >= 20
     assert list(board.columns[:1]) == ["method"]
     for metric in ("dice", "hd95", "fold_pct", "sdlogj", "epe", "runtime_s"):
         for stat in ("mean", "std", "median"):
             assert f"{metric}_{stat}" in board.columns
     assert (board["n_pairs"] == len(pairs)).all()
+    assert dict(zip(board["method"], board["n_seeds"])) == {"identity": 1, "voxelmorph": 2}
+    for column in ("dice_ci_low", "dice_ci_high", "dice_seed_std", "rank", "rank_low", "rank_high", "p_first",
+                   "supervision", "class_rank"):
+        assert column in board.columns, column
     identity = board.set_index("method").loc["identity"]
     # no registration: no folding, log-Jacobian exactly 0, and Dice well below 1
     assert identity["fold_pct_mean"] == 0 and identity["sdlogj_mean"] == 0
@@ -109,6 +123,7 @@ def test_a_diverging_method_is_reported_and_the_rest_finishes(tmp_path):
     assert list(board["method"]) == ["identity"]
     summary = json.loads((tmp_path / "results" / "embedded2d" / "leaderboard.json").read_text())
     assert list(summary["failed"]) == ["voxelmorph"]
-    assert re.search(r"train: TrainingDiverged: voxelmorph: loss term '\w+' is (nan|inf)", summary["failed"]["voxelmorph"])
-    assert "Failed (not ranked): **voxelmorph** (train: TrainingDiverged" in \
+    assert re.search(r"seed 0, train: TrainingDiverged: voxelmorph: loss term '\w+' is (nan|inf)",
+                     summary["failed"]["voxelmorph"])
+    assert "Failed (not ranked): **voxelmorph** (seed 0, train: TrainingDiverged" in \
         (tmp_path / "results" / "leaderboard.md").read_text()

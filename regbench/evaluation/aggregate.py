@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench.evaluation import stats
+from regbench.evaluation import stats, uncertainty
 from regbench.io import InputError, read_json, write_csv, write_text
+from regbench.layout import run_dir
 
 #: columns of pairs.csv that are not metrics
 PAIR_KEYS = ("fixed", "moving")
@@ -22,10 +23,10 @@ MARKDOWN_COLUMNS = [
 ]
 
 
-def read_pairs(method_dir: Path) -> pd.DataFrame:
-    path = Path(method_dir) / "pairs.csv"
+def read_pairs(run_folder: Path) -> pd.DataFrame:
+    path = Path(run_folder) / "pairs.csv"
     if not path.exists():
-        raise InputError(f"{path}: not found; the method was not evaluated")
+        raise InputError(f"{path}: not found; the run was not evaluated")
     return pd.read_csv(path)
 
 
@@ -35,21 +36,38 @@ TIMING_COLUMNS = ("runtime_s", "peak_mem_mb", "train_time_s", "train_step_s", "t
                   "l2r_score", "l2r_rank")
 
 
-def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(leaderboard, paired tests) of one dataset.
+def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
+                bootstrap_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(leaderboard, paired tests, every run's scores, rank distributions) of one dataset.
 
-    The leaderboard has one row per method: method, then <metric>_mean/_std/_median for every metric,
-    n_pairs, dsc30 (the 0.3 quantile of pair Dice), ``dice_not_worse`` (best mean Dice, or not
-    significantly worse than it after Holm correction), parameters, training time and device, and
+    ``runs``: method -> the seeds it was run with (a list of methods: seed 0 each), read from
+    results/<dataset>/<method>/seed<seed>/pairs.csv. Each test pair's score is averaged over a method's seeds
+    (:mod:`regbench.evaluation.uncertainty`); the leaderboard has one row per method: its supervision class, then
+    for every metric the mean, std and median over the pairs, the between-seed std of the mean (``_seed_std``) and
+    a bootstrap 95 % interval of the mean over pairs and seeds (``_ci_low``, ``_ci_high``); n_pairs, n_seeds,
+    dsc30 (the 0.3 quantile of pair Dice), ``dice_not_worse`` (best mean Dice, or not significantly worse than it
+    after Holm correction) overall and within the class, the rank by mean Dice with its bootstrap interval and the
+    probability of ranking first, overall and within the class, parameters, training time and device, and
     Learn2Reg's rank scores. Methods are compared on the same pairs only.
     """
     dataset_dir = Path(results_dir) / dataset_id
-    rows, pair_sets, tables = [], {}, {}
-    for method_id in method_ids:
-        table = read_pairs(dataset_dir / method_id)
-        tables[method_id] = table
-        pair_sets[method_id] = set(zip(table["fixed"], table["moving"]))
-        row = {"method": method_id}
+    runs = {m: [0] for m in runs} if not isinstance(runs, dict) else {m: list(s) for m, s in runs.items()}
+    method_ids = list(runs)
+    rows, pair_lists, averaged, long = [], {}, {}, []
+    for method_id, seeds in runs.items():
+        tables = {seed: read_pairs(run_dir(results_dir, dataset_id, method_id, seed)) for seed in seeds}
+        first = tables[seeds[0]]
+        pair_lists[method_id] = list(zip(first["fixed"], first["moving"]))
+        for seed, table in tables.items():
+            if set(zip(table["fixed"], table["moving"])) != set(pair_lists[method_id]):
+                raise InputError(f"{run_dir(results_dir, dataset_id, method_id, seed) / 'pairs.csv'}: its test pairs "
+                                 f"differ from seed {seeds[0]}'s; every run is scored on the same pairs")
+            long.append(table.assign(method=method_id, seed=seed))
+        runs_table = pd.concat([t.assign(seed=s) for s, t in tables.items()], ignore_index=True)
+        table = uncertainty.seed_averaged(runs_table)
+        averaged[method_id] = table
+        folder = run_dir(results_dir, dataset_id, method_id, seeds[0])
+        row = {"method": method_id, "supervision": _supervision(folder)}
         for column in table.columns:
             if column in PAIR_KEYS or not pd.api.types.is_numeric_dtype(table[column]):
                 continue
@@ -57,47 +75,103 @@ def leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> tuple[pd
             row[f"{column}_mean"] = _nan_stat(np.nanmean, values)
             row[f"{column}_std"] = _nan_stat(lambda v: np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else np.nan, values)
             row[f"{column}_median"] = _nan_stat(np.nanmedian, values)
+            row[f"{column}_seed_std"] = uncertainty.between_seed_std(
+                uncertainty.seed_matrix(runs_table, column, pair_lists[method_id]))
         row["n_pairs"] = len(table)
+        row["n_seeds"] = len(seeds)
         if "dice" in table:
             row["dsc30"] = float(np.nanquantile(table["dice"], 0.3)) if table["dice"].notna().any() else np.nan
-        if "label_warp" in table:
-            row["label_warp"] = "+".join(sorted(set(table["label_warp"])))
-        row.update(_training_facts(dataset_dir / method_id))
-        row["moving_contrast"] = _moving_contrast(dataset_dir / method_id)
-        row.update(_paper_fidelity(dataset_dir / method_id))
+        if "label_warp" in first:
+            row["label_warp"] = "+".join(sorted(set(first["label_warp"])))
+        row.update(_training_facts([run_dir(results_dir, dataset_id, method_id, s) for s in seeds]))
+        row["moving_contrast"] = _moving_contrast(folder)
+        row.update(_paper_fidelity(folder))
         rows.append(row)
-    reference = next(iter(pair_sets.values()))
-    for method_id, pairs in pair_sets.items():
-        if pairs != reference:
-            raise InputError(f"{dataset_dir / method_id / 'pairs.csv'}: its test pairs differ from "
-                             f"{dataset_dir / method_ids[0] / 'pairs.csv'}; methods must be scored on the same pairs")
+    reference = set(next(iter(pair_lists.values())))
+    for method_id, pairs in pair_lists.items():
+        if set(pairs) != reference:
+            raise InputError(f"{run_dir(results_dir, dataset_id, method_id, runs[method_id][0]) / 'pairs.csv'}: its "
+                             f"test pairs differ from {method_ids[0]}'s; methods must be scored on the same pairs")
     board = pd.DataFrame(rows)
-    metrics = [c for c in tables[method_ids[0]].columns if c in stats.HIGHER_IS_BETTER]
-    tests = stats.paired_tests(tables, metrics)
+    scores = pd.concat(long, ignore_index=True)
+    scores = scores[["method", "seed", *PAIR_KEYS, *[c for c in scores.columns
+                                                     if c not in ("method", "seed", *PAIR_KEYS)]]]
+    order = pair_lists[method_ids[0]]
+    metrics = [c for c in averaged[method_ids[0]].columns if c in stats.HIGHER_IS_BETTER]
+    tests = stats.paired_tests(averaged, metrics)
+    distributions = []
+    for metric in metrics:
+        matrices = {m: uncertainty.seed_matrix(scores[scores["method"] == m], metric, order) for m in method_ids}
+        means = uncertainty.bootstrap_means(matrices, resamples, bootstrap_seed)
+        intervals = {m: uncertainty.confidence_interval(means[m]) for m in method_ids}
+        board[f"{metric}_ci_low"] = board["method"].map(lambda m: intervals[m][0])
+        board[f"{metric}_ci_high"] = board["method"].map(lambda m: intervals[m][1])
+        if metric == "dice":
+            board, distributions = _rank_columns(board, means)
     if "dice_mean" in board:
-        verdict = stats.not_worse_than_best(board, tests, "dice")
-        board.insert(board.columns.get_loc("n_pairs") + 1, "dice_not_worse", board["method"].map(verdict))
-        board = board.merge(stats.learn2reg_rank(tables), on="method")
+        board.insert(board.columns.get_loc("n_pairs") + 1, "dice_not_worse",
+                     board["method"].map(stats.not_worse_than_best(board, tests, "dice")))
+        in_class = {}
+        for _, members in board.groupby("supervision", sort=False):
+            in_class.update(stats.not_worse_than_best(members, tests, "dice"))
+        board.insert(board.columns.get_loc("dice_not_worse") + 1, "dice_not_worse_in_class",
+                     board["method"].map(in_class))
+        board = board.merge(stats.learn2reg_rank(averaged), on="method")
         board = board.sort_values("dice_mean", ascending=False, kind="stable")
-    return board.reset_index(drop=True), tests
+    ranks = pd.concat(distributions, ignore_index=True) if distributions else pd.DataFrame(
+        columns=["scope", "method", "rank", "share"])
+    return board.reset_index(drop=True), tests, scores, ranks
+
+
+def _rank_columns(board: pd.DataFrame, means: dict[str, np.ndarray]) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """Rank by mean Dice (1 = best) with its bootstrap interval and the chance of ranking first, over every method
+    (``rank``...) and within each supervision class (``class_rank``...); and the rank distributions."""
+    distributions = []
+    for prefix, groups in (("", {"overall": list(board["method"])}),
+                           ("class_", {c: list(g["method"]) for c, g in board.groupby("supervision", sort=False)})):
+        columns = {f"{prefix}rank": {}, f"{prefix}rank_low": {}, f"{prefix}rank_high": {}, f"{prefix}p_first": {}}
+        for scope, members in groups.items():
+            means_by_method = board.set_index("method").loc[members, "dice_mean"]
+            point = means_by_method.rank(ascending=False, method="min").astype(int)
+            ranks = uncertainty.bootstrap_ranks({m: means[m] for m in members})
+            summary = uncertainty.rank_summary(ranks).set_index("method")
+            for method in members:
+                columns[f"{prefix}rank"][method] = int(point[method])
+                columns[f"{prefix}rank_low"][method] = int(summary.at[method, "rank_low"])
+                columns[f"{prefix}rank_high"][method] = int(summary.at[method, "rank_high"])
+                columns[f"{prefix}p_first"][method] = float(summary.at[method, "p_first"])
+            distributions.append(uncertainty.rank_distribution(ranks).assign(scope=scope))
+        for name, values in columns.items():
+            board[name] = board["method"].map(values)
+    return board, [d[["scope", "method", "rank", "share"]] for d in distributions]
 
 
 def _nan_stat(function, values):
     return float(function(values)) if np.isfinite(values).any() else np.nan
 
 
-def _training_facts(method_dir: Path) -> dict:
+def _training_facts(run_dirs: list[Path]) -> dict:
+    """Parameters and device of the first run; training time, step time and peak memory averaged over the runs."""
     facts = {"parameters": 0, "train_time_s": np.nan, "train_step_s": np.nan, "train_peak_mem_mb": np.nan,
              "train_device": ""}
-    if (method_dir / "train.json").exists():
-        train = read_json(method_dir / "train.json")
-        facts.update(parameters=train.get("parameters", 0), train_time_s=train.get("train_time_s", np.nan),
-                     train_step_s=train.get("step_time_s", np.nan),
-                     train_peak_mem_mb=train.get("peak_mem_mb", np.nan),
-                     train_device=train.get("provenance", {}).get("device_name") or train.get("device", ""))
-    elif (method_dir / "eval.json").exists():
-        facts["parameters"] = read_json(method_dir / "eval.json").get("parameters", 0)
+    trained = [read_json(folder / "train.json") for folder in run_dirs if (folder / "train.json").exists()]
+    if trained:
+        first = trained[0]
+        facts.update(parameters=first.get("parameters", 0),
+                     train_time_s=float(np.mean([t.get("train_time_s", np.nan) for t in trained])),
+                     train_step_s=float(np.mean([t.get("step_time_s", np.nan) for t in trained])),
+                     train_peak_mem_mb=float(np.mean([t.get("peak_mem_mb", np.nan) for t in trained])),
+                     train_device=first.get("provenance", {}).get("device_name") or first.get("device", ""))
+    elif (run_dirs[0] / "eval.json").exists():
+        facts["parameters"] = read_json(run_dirs[0] / "eval.json").get("parameters", 0)
     return facts
+
+
+def _supervision(run_folder: Path) -> str:
+    """What the row learned from (eval.json, regbench.method.RegistrationMethod.supervision)."""
+    if (run_folder / "eval.json").exists():
+        return str(read_json(run_folder / "eval.json").get("supervision", "none"))
+    return "none"
 
 
 def _moving_contrast(method_dir: Path) -> str:
@@ -128,19 +202,25 @@ def failed_methods(results_dir, dataset_id: str) -> dict[str, str]:
     return dict(read_json(summary).get("failed", {})) if summary.exists() else {}
 
 
-def write_leaderboard(results_dir, dataset_id: str, method_ids: list[str]) -> pd.DataFrame:
-    """results/<ds>/stats.csv, then results/<ds>/leaderboard.csv."""
-    board, tests = leaderboard(results_dir, dataset_id, method_ids)
-    write_csv(Path(results_dir) / dataset_id / "stats.csv", tests)
-    write_csv(Path(results_dir) / dataset_id / "leaderboard.csv", board)
+def write_leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
+                      bootstrap_seed: int = 0) -> pd.DataFrame:
+    """results/<ds>/scores.csv, ranks.csv and stats.csv, then results/<ds>/leaderboard.csv (:func:`leaderboard`)."""
+    board, tests, scores, ranks = leaderboard(results_dir, dataset_id, runs, resamples, bootstrap_seed)
+    folder = Path(results_dir) / dataset_id
+    write_csv(folder / "scores.csv", scores)
+    write_csv(folder / "ranks.csv", ranks)
+    write_csv(folder / "stats.csv", tests)
+    write_csv(folder / "leaderboard.csv", board)
     return board
 
 
 def markdown_table(board: pd.DataFrame) -> str:
-    """A GitHub-flavoured table: mean ± std per metric; in bold, every mean that prints as the column's best."""
+    """A GitHub-flavoured table: the rank by mean Dice with its bootstrap interval, what the row learned from,
+    the Dice's bootstrap interval, mean ± std per metric; in bold, every mean that prints as the column's best."""
     columns = [c for c in MARKDOWN_COLUMNS if f"{c[0]}_mean" in board]
-    header = "| method | " + " | ".join(h for _, h, _, _ in columns) + " | pairs |"
-    rule = "|---|" + "---:|" * len(columns) + "---:|"
+    header = ("| rank | method | learns from | " + " | ".join(h for _, h, _, _ in columns)
+              + " | Dice 95 % CI | seeds | pairs |")
+    rule = "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|"
     best = {}
     for name, _, _, higher in columns:
         values = board[f"{name}_mean"]
@@ -159,8 +239,22 @@ def markdown_table(board: pd.DataFrame) -> str:
             cells.append(f"**{text}**" if tied else text)
         mark = " ◆" if row.get("dice_not_worse") in (True, "True") else ""
         mark += " †" if _departs(row) else ""
-        lines.append(f"| {method_label(row)}{mark} | " + " | ".join(cells) + f" | {int(row['n_pairs'])} |")
+        interval = ("–" if pd.isna(row.get("dice_ci_low", np.nan))
+                    else f"{row['dice_ci_low']:.3f} to {row['dice_ci_high']:.3f}")
+        lines.append(f"| {rank_text(row)} | {method_label(row)}{mark} | {row.get('supervision', '')} | "
+                     + " | ".join(cells) + f" | {interval} | {int(row.get('n_seeds', 1))} | {int(row['n_pairs'])} |")
     return "\n".join(lines)
+
+
+def rank_text(row, prefix: str = "") -> str:
+    """``3 (2-5)``: the rank by mean Dice and its 95 % bootstrap interval; the rank alone when the data fix it."""
+    rank = row.get(f"{prefix}rank")
+    if rank is None or pd.isna(rank):
+        return "–"
+    low, high = row.get(f"{prefix}rank_low"), row.get(f"{prefix}rank_high")
+    if low is None or pd.isna(low) or (int(low) == int(high) == int(rank)):
+        return str(int(rank))
+    return f"{int(rank)} ({int(low)}-{int(high)})"
 
 
 def _departs(row) -> bool:
@@ -177,8 +271,11 @@ def write_markdown(results_dir, dataset_ids: list[str]) -> str:
         failed = failed_methods(results_dir, dataset_id)
         if failed:
             parts += ["Failed (not ranked): " + "; ".join(f"**{m}** ({why})" for m, why in failed.items()), ""]
-    parts.append("Mean ± standard deviation over the test pairs; bold: the best value of each column; ◆: the best "
-                 "mean Dice or not significantly worse than it (paired Wilcoxon signed-rank, Holm-corrected, p < 0.05); "
+    parts.append("Rank: by mean Dice, with its 95 % bootstrap interval over test pairs and training seeds; learns "
+                 "from: none (images only), labels (a segmentation loss), teacher (another tool's fields), classical "
+                 "(no training). Each pair's score is averaged over the seeds; mean ± standard deviation over the test "
+                 "pairs; bold: the best value of each column; ◆: the best mean Dice or not significantly worse than it "
+                 "(paired Wilcoxon signed-rank on the seed-averaged pairs, Holm-corrected, p < 0.05); "
                  "†: the row's recipe departs from its paper in a way that can change results (the method file's "
                  "deviations; the report lists them). "
                  "Definitions: spec/evaluation.md (Dice over the dataset's labels, HD95 in mm, folds: % of voxels with "

@@ -91,6 +91,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
         "precision": precision, "moving_contrast": contrast or "image", **adapter.record(),
         "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,
         "recipe_name": recipe_name, "deviations": deviation_records(method, recipe_name),
+        "supervision": method.supervision(recipe),
         "provenance": provenance or {},
     })
     return table

@@ -19,12 +19,14 @@ import numpy as np
 import pandas as pd
 
 from regbench.io import InputError, read_json, write_json
+from regbench.layout import run_dir
 from regbench.report import plots, style
 
 log = logging.getLogger("regbench")
 
 #: the figures of a dataset, in the order the report shows them
-FIGURES = ("dice_per_structure", "accuracy_regularity", "runtime", "training_curves", "tuning", "median_pair")
+FIGURES = ("dice_per_structure", "accuracy_regularity", "ranks", "runtime", "training_curves", "tuning",
+           "median_pair")
 
 
 def figure_paths(results_dir, dataset_id: str) -> dict[str, Path]:
@@ -34,6 +36,24 @@ def figure_paths(results_dir, dataset_id: str) -> dict[str, Path]:
 
 def facts_path(results_dir, dataset_id: str) -> Path:
     return Path(results_dir) / "report" / dataset_id / "figures.json"
+
+
+def run_folders(results_dir, dataset_id: str, method_ids: list[str]) -> dict[str, list[Path]]:
+    """Each method's run folders (results/<ds>/<method>/seed<k>), from the seeds rule aggregate recorded in
+    leaderboard.json (seed 0 where it recorded none); the first is the run the report's examples show."""
+    summary = Path(results_dir) / dataset_id / "leaderboard.json"
+    seeds = (read_json(summary).get("seeds") or {}) if summary.exists() else {}
+    return {m: [run_dir(results_dir, dataset_id, m, s) for s in seeds.get(m, [0])] for m in method_ids}
+
+
+def seed_averaged_tables(folders: dict[str, list[Path]], name: str, keys: list[str]) -> dict[str, pd.DataFrame]:
+    """Per method, the runs' ``name`` tables (pairs.csv, labels.csv) with every number averaged over the seeds."""
+    tables = {}
+    for method, runs in folders.items():
+        joined = pd.concat([pd.read_csv(folder / name) for folder in runs], ignore_index=True)
+        numeric = [c for c in joined.columns if c not in keys and pd.api.types.is_numeric_dtype(joined[c])]
+        tables[method] = joined.groupby(keys, sort=False)[numeric].mean().reset_index()
+    return tables
 
 
 def median_pair(pair_tables: dict[str, pd.DataFrame]) -> tuple[str, str]:
@@ -138,13 +158,14 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
         device = torch.device("cpu")
     results_dir = Path(results_dir)
     dataset = PreparedDataset(prepared_dir)
-    tables = {m: pd.read_csv(results_dir / dataset_id / m / "pairs.csv") for m in method_ids}
-    fixed_id, moving_id = median_pair(tables)
+    folders = run_folders(results_dir, dataset_id, method_ids)
+    fixed_id, moving_id = median_pair(seed_averaged_tables(folders, "pairs.csv", ["fixed", "moving"]))
+    tables = {m: pd.read_csv(folders[m][0] / "pairs.csv") for m in method_ids}  # the run the figure shows
     batch = dataset.pair(fixed_id, moving_id)
     result = {"fixed_id": fixed_id, "moving_id": moving_id, "fixed": dataset.image(fixed_id),
               "moving": dataset.image(moving_id), "methods": {}}
     for method_id in method_ids:
-        method_dir = results_dir / dataset_id / method_id
+        method_dir = folders[method_id][0]
         method = plugins.load_method(method_id)
         evaluation = read_json(method_dir / "eval.json")
         recipe, net = evaluation.get("recipe", {}), None
@@ -206,16 +227,23 @@ def write_figures(results_dir, prepared_dir, dataset_id: str, method_ids: list[s
     colors = style.method_colors(method_ids)
     board = pd.read_csv(results_dir / dataset_id / "leaderboard.csv")
     order = [m for m in board["method"] if m in method_ids]
-    method_dirs = {m: results_dir / dataset_id / m for m in order}
-    labels = {m: pd.read_csv(method_dirs[m] / "labels.csv") for m in order}
-    pairs = {m: pd.read_csv(method_dirs[m] / "pairs.csv") for m in order}
+    folders = run_folders(results_dir, dataset_id, order)
+    method_dirs = {m: folders[m][0] for m in order}   # the first run: training curves, devices
+    labels = seed_averaged_tables(folders, "labels.csv", ["fixed", "moving", "label", "name"])
+    pairs = {m: pd.concat([pd.read_csv(f / "pairs.csv") for f in folders[m]], ignore_index=True) for m in order}
     trained = {m: read_json(method_dirs[m] / "train.json") for m in order if (method_dirs[m] / "train.json").exists()}
     logs = {m: pd.read_csv(method_dirs[m] / "train_log.csv") for m in trained
             if (method_dirs[m] / "train_log.csv").exists()}
 
     plots.dice_per_structure(labels, paths["dice_per_structure"], colors)
     plots.accuracy_regularity(board[board["method"].isin(order)], paths["accuracy_regularity"], colors)
-    plots.runtime(pairs, {m: float(trained[m].get("train_time_s", np.nan)) for m in trained}, paths["runtime"],
+    ranks_path = results_dir / dataset_id / "ranks.csv"
+    distribution = pd.read_csv(ranks_path) if ranks_path.exists() else pd.DataFrame(
+        columns=["scope", "method", "rank", "share"])
+    plots.rank_blobs(distribution[distribution["method"].isin(order)], board[board["method"].isin(order)],
+                     paths["ranks"], colors)
+    train_time = board.set_index("method")["train_time_s"] if "train_time_s" in board else pd.Series(dtype=float)
+    plots.runtime(pairs, {m: float(train_time.get(m, np.nan)) for m in trained}, paths["runtime"],
                   colors, order=order, devices={m: device_text(trained[m]) for m in trained})
     plots.training_curves(logs, paths["training_curves"], colors)
     tuning = tuning_facts(lock, lock_file, method_dirs)

@@ -70,8 +70,15 @@ FIGURE_TEXT = {
                            "Dice of each anatomical structure over the test pairs, a box per method (left and "
                            "right structures pooled), as in the VoxelMorph paper (TMI 2019, Fig. 5)."),
     "accuracy_regularity": ("Accuracy against regularity",
-                            "Mean Dice (bars: ± std over the test pairs) against the folded voxels and against "
-                            "SDlogJ, one point per method. Better is up and to the left."),
+                            "Mean Dice against the folded voxels and against SDlogJ, one point per method (each pair's "
+                            "score averaged over the seeds); bars: 95 % bootstrap intervals of the means over test "
+                            "pairs and seeds. Better is up and to the left."),
+    "ranks": ("How stable the ranking is",
+              "Each method's rank by mean Dice in 1,000 bootstrap replicates of the test pairs and the training "
+              "seeds (the blob plot of challengeR, Wiesenfarth et al. 2021): a blob at every rank it takes, its "
+              "area the share of replicates; the line spans the 95 % rank interval, the dot is the median rank. "
+              "Methods whose blobs overlap cannot be told apart by these data. Beside it, the ranking within each "
+              "class of what the methods learn from."),
     "runtime": ("Time",
                 "Left: registration time of each test pair (log scale; the black bar is the median). Right: "
                 "training wall time of each trained method, with its device."),
@@ -156,8 +163,10 @@ class DatasetSection:
         self.stats = pd.read_csv(folder / "stats.csv") if (folder / "stats.csv").exists() else pd.DataFrame(
             columns=["metric", "method_a", "method_b", "p_holm"])
         self.colors = style.method_colors(method_ids)
-        self.records = {m: {step: read_json(folder / m / f"{step}.json")
-                            for step in ("train", "eval") if (folder / m / f"{step}.json").exists()}
+        first_run = {m: runs[0] for m, runs in figures.run_folders(results_dir, dataset_id,
+                                                                     list(self.board["method"])).items()}
+        self.records = {m: {step: read_json(first_run[m] / f"{step}.json")
+                            for step in ("train", "eval") if (first_run[m] / f"{step}.json").exists()}
                         for m in self.board["method"]}
         info_path = Path(prepared_dir) / "dataset.json" if prepared_dir is not None else None
         self.info = read_json(info_path) if info_path is not None and info_path.exists() else {}
@@ -178,10 +187,13 @@ class DatasetSection:
             columns.append(column)
         return columns
 
-    def significance(self, metric: str) -> tuple[str | None, dict[str, float]]:
-        """(best method by mean, {method: Holm-adjusted p against the best}) for a metric of stats.csv."""
+    def significance(self, metric: str, members: list[str] | None = None) -> tuple[str | None, dict[str, float]]:
+        """(best method by mean, {method: Holm-adjusted p against the best}) for a metric of stats.csv, among
+        ``members`` (a supervision class; default: every method)."""
         key = metric if metric == "dsc30" else f"{metric}_mean"
         means = self.board.set_index("method")[key].dropna()
+        if members is not None:
+            means = means[means.index.isin(members)]
         if means.empty:
             return None, {}
         best = means.idxmax() if HIGHER_IS_BETTER.get(metric, True) else means.idxmin()
@@ -201,20 +213,31 @@ class DatasetSection:
         groups = [(g, sum(1 for c in columns if c[2] == g)) for g in dict.fromkeys(c[2] for c in columns)]
         published = {entry[1]: entry for entry in self.published() if entry[1] is not None}
         extra = ["parameters", "training", "device", "L2R rank"] + (["published Dice"] if published else [])
-        head = ("<tr><th rowspan='2' class='method'>method</th>"
+        head = ("<tr><th rowspan='2' class='rank' title='rank by mean Dice; below: its 95 % bootstrap interval'>"
+                "rank</th><th rowspan='2' class='method'>method</th>"
+                "<th rowspan='2' class='class' title='what the row learned from'>learns from</th>"
                 + "".join(f"<th colspan='{n}' class='group {g}'>{g}</th>" for g, n in groups)
                 + f"<th colspan='{len(extra)}' class='group other'>setup</th></tr><tr>"
                 + "".join(f"<th class='{c[2]}' title='{html.escape(c[4])}'>{html.escape(c[1])}</th>" for c in columns)
                 + "".join(f"<th class='other'>{html.escape(e)}</th>" for e in extra) + "</tr>")
-        marks = {c[0]: self.significance(c[0]) for c in columns}
+        classes = self.board.groupby("supervision", sort=False)["method"].apply(list).to_dict() \
+            if "supervision" in self.board else {}
+        marks = {(c[0], cls): self.significance(c[0], members) for c in columns for cls, members in classes.items()} \
+            if classes else {(c[0], None): self.significance(c[0]) for c in columns}
         body = []
         for _, row in self.board.iterrows():
             method = row["method"]
+            cls = row.get("supervision") if classes else None
             color = _hex(self.colors.get(method, (0, 0, 0)))
-            cells = [f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
-                     f"{html.escape(aggregate.method_label(row))}{self.departure_mark(method)}</th>"]
+            cells = [f"<td class='rank' title='{html.escape(self.rank_title(row))}'>"
+                     f"{html.escape(aggregate.rank_text(row))}</td>",
+                     f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
+                     f"{html.escape(aggregate.method_label(row))}{self.departure_mark(method)}</th>",
+                     f"<td class='text class'>{html.escape(str(cls or '–'))}"
+                     f"<span class='s'>{html.escape(aggregate.rank_text(row, 'class_'))} of "
+                     f"{len(classes.get(cls, []))}</span></td>"]
             for name, _, group, fmt, _ in columns:
-                cells.append(self._cell(row, name, group, fmt, *marks[name]))
+                cells.append(self._cell(row, name, group, fmt, *marks[(name, cls)]))
             cells += [f"<td class='num'>{_count(row.get('parameters'))}</td>",
                       f"<td class='num'>{self.training(method, row)}</td>",
                       f"<td class='text'>{html.escape(self.device(method))}</td>",
@@ -226,10 +249,16 @@ class DatasetSection:
                              f"{entry[3]:.3f}<span class='s'>{html.escape(entry[2])}</span></td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
         n_pairs = int(self.board["n_pairs"].max()) if "n_pairs" in self.board else 0
-        note = (f"<p class='note'>Mean ± standard deviation over {n_pairs} test pairs. <b>Bold</b>: the best "
-                f"mean of the column; ◆: the best, or not significantly different from it (paired Wilcoxon "
-                f"signed-rank test over the same pairs, Holm-corrected within the metric, p ≥ {ALPHA}; hover a "
-                f"cell for its p-value). Units and definitions: spec/evaluation.md. L2R rank: Learn2Reg's "
+        n_seeds = int(self.board["n_seeds"].max()) if "n_seeds" in self.board else 1
+        note = (f"<p class='note'>Each test pair's score is averaged over the training seeds ({n_seeds} for a "
+                f"learned method, one run for a deterministic one); mean ± standard deviation over {n_pairs} test "
+                f"pairs, and for Dice its 95 % bootstrap interval over pairs and seeds. Rank: by mean Dice, with its "
+                f"95 % bootstrap interval (overlapping intervals: the data cannot order the rows). Learns from: "
+                f"none (images only), labels (a segmentation loss), teacher (another tool's fields), classical (no "
+                f"training), with the rank within that class. <b>Bold</b> and ◆: the best mean of the column within "
+                f"the row's class; ◆ alone: not significantly different from it (paired Wilcoxon signed-rank test over "
+                f"the seed-averaged pairs, Holm-corrected within the metric, p ≥ {ALPHA}; hover a cell for its "
+                f"p-value). Units and definitions: spec/evaluation.md. L2R rank: Learn2Reg's "
                 f"overall rank (DSC, DSC30, HD95, SDlogJ, runtime). Device: where the method was trained"
                 f" and registered. †: the row's recipe departs from its paper in a way that can change results "
                 f"(hover it, or see below).</p>")
@@ -260,9 +289,18 @@ class DatasetSection:
                 mark = "◆"
         text = fmt.format(mean)
         spread = "" if pd.isna(std) else f"<span class='s'>± {fmt.format(std)}</span>"
+        low, high = row.get(f"{name}_ci_low", np.nan), row.get(f"{name}_ci_high", np.nan)
+        if name == "dice" and pd.notna(low) and pd.notna(high):
+            spread += f"<span class='s'>{fmt.format(low)} to {fmt.format(high)}</span>"
         sig = f"<span class='sig'>{mark}</span>" if mark else ""
         attribute = f" title='{html.escape(title)}'" if title else ""
         return f"<td class='{' '.join(classes)}'{attribute}>{text}{sig}{spread}</td>"
+
+    @staticmethod
+    def rank_title(row) -> str:
+        p_first = row.get("p_first", np.nan)
+        return ("rank by mean Dice and its 95 % bootstrap interval"
+                + ("" if pd.isna(p_first) else f"; first in {100 * p_first:.0f} % of the replicates"))
 
     def training(self, method: str, row) -> str:
         """Training wall time, and the iterations beneath it."""
@@ -496,6 +534,7 @@ thead th.group{text-transform:uppercase;letter-spacing:.04em;font-size:.72rem;co
 th.method{text-align:left;white-space:nowrap;position:sticky;left:0;background:#fff;z-index:1}
 thead th.method{background:var(--head)}
 td.num{text-align:right;white-space:nowrap}
+td.rank{text-align:right;white-space:nowrap;font-weight:600}
 td.text{text-align:left;font-size:.78rem;color:var(--muted);min-width:7rem}
 td.best{font-weight:700;background:var(--best)}
 td .s{display:block;font-size:.74rem;font-weight:400;color:var(--muted)}

@@ -63,10 +63,12 @@ def dice_per_structure(label_tables: dict[str, pd.DataFrame], path, colors: dict
 
 
 def accuracy_regularity(board: pd.DataFrame, path, colors: dict) -> None:
-    """Mean Dice (± std over pairs) against folding (% of voxels with det J <= 0) and against SDlogJ,
-    one point per method: the trade-off every deformable method makes (better: up and to the left).
+    """Mean Dice against folding (% of voxels with det J <= 0) and against SDlogJ, one point per method: the
+    trade-off every deformable method makes (better: up and to the left). Bars: the 95 % bootstrap intervals of
+    the means over test pairs and seeds (``_ci_low``, ``_ci_high``), on both axes.
 
-    ``board``: leaderboard.csv rows (``method``, ``dice_mean``, ``dice_std``, ``fold_pct_mean``, ``sdlogj_mean``).
+    ``board``: leaderboard.csv rows (``method``, ``dice_mean``, ``fold_pct_mean``, ``sdlogj_mean`` and their
+    intervals; without intervals, the Dice bar is ± its std over pairs).
     """
     style.apply()
     fig, axes = plt.subplots(1, 2, figsize=(2 * style.PANEL + 2.6, style.PANEL + 0.3), layout="constrained",
@@ -80,7 +82,7 @@ def accuracy_regularity(board: pd.DataFrame, path, colors: dict) -> None:
             if not (np.isfinite(x) and np.isfinite(y)):
                 continue
             color = colors.get(row["method"], "black")
-            axis.errorbar(x, y, yerr=row["dice_std"] if np.isfinite(row["dice_std"]) else None, fmt="o",
+            axis.errorbar(x, y, xerr=_interval(row, column), yerr=_interval(row, "dice", fallback_std=True), fmt="o",
                           color=color, markersize=7, elinewidth=1, capsize=2, markeredgecolor="white",
                           markeredgewidth=0.8, zorder=3, alpha=0.9)
             labels.append((axis, x, y, row["method"], _darker(color)))
@@ -94,6 +96,51 @@ def accuracy_regularity(board: pd.DataFrame, path, colors: dict) -> None:
     axes[1].text(0.98, 0.02, "better: up and to the left", transform=axes[1].transAxes, ha="right", va="bottom",
                  fontsize="small", color="#666666")
     _place_labels(fig, labels)
+    style.save(fig, path)
+
+
+def _interval(row, metric: str, fallback_std: bool = False):
+    """The errorbar extent (2 x 1: below, above) of a metric's bootstrap interval; ± std, or none, without one."""
+    mean, low, high = row.get(f"{metric}_mean"), row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+        return np.array([[max(mean - low, 0.0)], [max(high - mean, 0.0)]])
+    std = row.get(f"{metric}_std")
+    return std if fallback_std and std is not None and np.isfinite(std) else None
+
+
+def rank_blobs(distribution: pd.DataFrame, board: pd.DataFrame, path, colors: dict) -> None:
+    """The blob plot of challengeR (Wiesenfarth et al. 2021): for each method (by its rank), a blob at every rank
+    it takes in the bootstrap, its area the share of replicates; a black dot at the median rank and a line over
+    the 95 % interval. One panel over every method, one per supervision class with two methods or more."""
+    style.apply()
+    scopes = ["overall"] + [c for c, g in board.groupby("supervision", sort=False) if len(g) > 1
+                            and c in set(distribution["scope"])]
+    widths = [max(3.0, 0.42 * len(board if s == "overall" else board[board["supervision"] == s]) + 1.2)
+              for s in scopes]
+    fig, axes = plt.subplots(1, len(scopes), figsize=(min(sum(widths), style.MAX_WIDTH), style.PANEL + 0.8),
+                             squeeze=False, layout="constrained", gridspec_kw={"width_ratios": widths})
+    for axis, scope in zip(axes[0], scopes):
+        members = board if scope == "overall" else board[board["supervision"] == scope]
+        prefix = "" if scope == "overall" else "class_"
+        members = members.sort_values([f"{prefix}rank", "method"], kind="stable")
+        shares = distribution[distribution["scope"] == scope]
+        for position, (_, row) in enumerate(members.iterrows()):
+            method, color = row["method"], colors.get(row["method"], "black")
+            mine = shares[shares["method"] == method]
+            axis.scatter(np.full(len(mine), position), mine["rank"], s=600 * mine["share"], color=color, alpha=0.55,
+                         edgecolors="none", zorder=2)
+            axis.plot([position, position], [row[f"{prefix}rank_low"], row[f"{prefix}rank_high"]], color="black",
+                      lw=1.0, zorder=3)
+            if len(mine):
+                ordered = mine.sort_values("rank")
+                median = ordered["rank"].to_numpy()[np.searchsorted(ordered["share"].cumsum().to_numpy(), 0.5)]
+                axis.plot(position, median, "o", color="black", markersize=3, zorder=4)
+        axis.set_xticks(range(len(members)))
+        axis.set_xticklabels(members["method"], rotation=60, ha="right", fontsize="small")
+        axis.set_ylim(len(members) + 0.6, 0.4)
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_title("all methods" if scope == "overall" else f"learns from: {scope}", fontsize="small")
+    axes[0, 0].set_ylabel("rank by mean Dice (bootstrap)")
     style.save(fig, path)
 
 

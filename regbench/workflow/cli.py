@@ -57,7 +57,7 @@ def cmd_train(args) -> None:
     try:
         summary = train(method, settings["recipe"], dataset, args.out, seed=settings["seed"], device=device,
                         provenance=provenance(settings, device), progress=True,
-                        mixed_precision=settings.get("mixed_precision", False))
+                        mixed_precision=settings.get("mixed_precision", False), supervision_folder=args.supervision)
     except Exception as err:
         if settings.get("on_failure", "stop") != "skip":
             raise
@@ -239,14 +239,24 @@ def cmd_evaluate(args) -> None:
 def cmd_aggregate(args) -> None:
     from regbench.evaluation.aggregate import write_leaderboard
     from regbench.io import write_json
+    from regbench.layout import run_dir
     from regbench.runtime import provenance
 
     methods = args.methods.split(",")
-    failed = {m: read_failure(Path(args.results) / args.dataset / m) for m in methods}
-    failed = {m: f"{record['step']}: {record['error']}" for m, record in failed.items() if record}
-    board = write_leaderboard(args.results, args.dataset, [m for m in methods if m not in failed])
+    seeds = json.loads(args.seeds) if args.seeds else {m: [0] for m in methods}
+    bootstrap = json.loads(args.bootstrap) if args.bootstrap else {"resamples": 1000, "seed": 0}
+    failed = {}
+    for method in methods:  # a method that failed in one run is not ranked: its runs would not be comparable
+        for seed in seeds[method]:
+            record = read_failure(run_dir(args.results, args.dataset, method, seed))
+            if record and method not in failed:
+                failed[method] = f"seed {seed}, {record['step']}: {record['error']}"
+    ranked = {m: seeds[m] for m in methods if m not in failed}
+    board = write_leaderboard(args.results, args.dataset, ranked, resamples=int(bootstrap["resamples"]),
+                              bootstrap_seed=int(bootstrap["seed"]))
     write_json(Path(args.results) / args.dataset / "leaderboard.json",
-               {"methods": methods, "failed": failed, "provenance": provenance({"dataset": args.dataset})})
+               {"methods": methods, "seeds": seeds, "failed": failed, "bootstrap": bootstrap,
+                "provenance": provenance({"dataset": args.dataset})})
     print(board.to_string(index=False, max_cols=12))
 
 
@@ -284,13 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train one method on one prepared dataset")
     p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True, help="results/<dataset>/<method>")
+    p.add_argument("--out", required=True, help="results/<dataset>/<method>/seed<seed>")
     p.add_argument("--settings", required=True)
+    p.add_argument("--supervision", help="the dataset's SyN supervision folder, for a method that learns from it "
+                                         "(default: syn_supervision beside --out)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("register", help="register and score every test pair with one method")
     p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True, help="results/<dataset>/<method>")
+    p.add_argument("--out", required=True, help="results/<dataset>/<method>/seed<seed>")
     p.add_argument("--settings", required=True)
     p.set_defaults(func=cmd_register)
 
@@ -321,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--methods", required=True, help="comma-separated method ids")
+    p.add_argument("--seeds", help='JSON: {"method": [seeds]}, the runs of each method (default: seed 0 each)')
+    p.add_argument("--bootstrap", help='JSON: {"resamples": 1000, "seed": 0}')
     p.set_defaults(func=cmd_aggregate)
 
     p = commands.add_parser("report", help="write results/leaderboard.md, the figures and the HTML report")

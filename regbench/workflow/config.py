@@ -21,6 +21,11 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": "data",
     "results_dir": "results",
     "seed": 0,
+    # training seeds (spec/protocol.md, section 3): every learned method trains and is scored once per seed;
+    # None: [seed]
+    "seeds": None,
+    # bootstrap of the mean and of the ranks over test pairs and seeds
+    "bootstrap": {"resamples": 1000, "seed": 0},
     "device": "auto",
     "torch_threads": 2,
     "mixed_precision": False,
@@ -46,6 +51,8 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
         else:
             resolved[key] = copy.deepcopy(value)
     resolved["datasets"] = {k: dict(v or {}) for k, v in resolved.get("datasets", {}).items()}
+    if resolved["seeds"] is None:
+        resolved["seeds"] = [resolved["seed"]]
     resolved["methods"] = {k: dict(v or {}) for k, v in resolved.get("methods", {}).items()}
     return resolved
 
@@ -141,16 +148,24 @@ def is_trainable(method_id: str) -> bool:
     return plugins.load_method(method_id).trainable
 
 
+def method_seeds(config: dict[str, Any], method_id: str) -> list[int]:
+    """The seeds a method runs with: every seed of the config when it trains (or has a random component), else
+    the first one only (a deterministic method gives the same result for every seed)."""
+    seeds = [int(s) for s in config["seeds"]]
+    return seeds if plugins.load_method(method_id).seeded else seeds[:1]
+
+
 def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None = None,
-                 tuned: bool = True) -> dict[str, Any]:
+                 tuned: bool = True, seed: int | None = None) -> dict[str, Any]:
     """Everything one job needs to reproduce its outputs (its hash is the provenance's config hash).
 
     ``tuned``: the recipe takes the dataset's lock-file values (``tuned``: which values, from which file, and the
-    config's overrides of them); False for the tuning itself, which starts from the recipe."""
+    config's overrides of them); False for the tuning itself, which starts from the recipe. ``seed``: the run's
+    training seed (one of ``seeds``; default: ``seed``)."""
     settings = {
         "dataset": dataset_id,
         "dataset_options": plugins.load_dataset(dataset_id).resolve_options(config["datasets"][dataset_id]),
-        "seed": config["seed"],
+        "seed": int(config["seed"] if seed is None else seed),
         "device": config["device"],
         "torch_threads": config["torch_threads"],
         "mixed_precision": config["mixed_precision"],
@@ -159,6 +174,7 @@ def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None 
     }
     if method_id is not None:
         which, recipe = method_recipe(config, method_id, dataset_id if tuned else None)
+        recipe = plugins.load_method(method_id).recipe_for_seed(recipe, settings["seed"])
         settings.update({"method": method_id, "recipe_name": which, "recipe": recipe})
         values = tuned_values(config, method_id, dataset_id) if tuned else {}
         if values:

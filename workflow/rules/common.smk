@@ -8,7 +8,7 @@ import sys
 from regbench import plugins
 from regbench.training.supervision import DEFAULT_PAIRS, SUPERVISOR
 from regbench.runtime import config_hash
-from regbench.workflow.config import ConfigError, is_trainable, job_settings, method_recipe
+from regbench.workflow.config import ConfigError, is_trainable, job_settings, method_recipe, method_seeds
 
 # Jobs call `regbench` and `python` of the environment that runs Snakemake, activated or not: its bin folder
 # leads the PATH of every shell command (a cluster job's too, which runs this file again in its own Python).
@@ -30,12 +30,23 @@ envvars:
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     method="[A-Za-z0-9_]+",
+    seed="[0-9]+",
 
 
 def settings_json(wildcards):
     """The job's settings (config hash = provenance), passed to the CLI as one JSON argument."""
     method = getattr(wildcards, "method", None)
-    return json.dumps(job_settings(CONFIG, wildcards.dataset, method), sort_keys=True)
+    seed = int(wildcards.seed) if hasattr(wildcards, "seed") else None
+    return json.dumps(job_settings(CONFIG, wildcards.dataset, method, seed=seed), sort_keys=True)
+
+
+#: method -> the seeds it runs with (every seed of the config for a learned method, the first for a deterministic one)
+SEEDS = {m: method_seeds(CONFIG, m) for m in METHODS}
+
+
+def run_files(name, dataset="{dataset}"):
+    """Every run's ``name`` (pairs.csv, labels.csv, ...) of every method: results/<dataset>/<method>/seed<k>/name."""
+    return [f"{RESULTS}/{dataset}/{m}/seed{s}/{name}" for m in METHODS for s in SEEDS[m]]
 
 
 def prepared_folder(wildcards, input):
@@ -51,9 +62,9 @@ def method_folder(wildcards, output):
 # ----------------------------------------------------------------------------------------- learned methods
 
 def trained_model(wildcards):
-    """A learned method is evaluated from its model; identity and classical tools need none."""
+    """A learned method is evaluated from the model of its run; identity and classical tools need none."""
     if is_trainable(wildcards.method):
-        return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/model.pt"
+        return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/seed{wildcards.seed}/model.pt"
     return []
 
 
@@ -97,6 +108,11 @@ TUNED_METHODS = [m for m in METHODS if plugins.load_method(m).search_space]
 def tune_settings(wildcards):
     """A tuning job's settings: the recipe before any lock file, and the config's tuning section."""
     return json.dumps(job_settings(CONFIG, wildcards.dataset, wildcards.method, tuned=False), sort_keys=True)
+
+
+def seeds_json(wildcards):
+    """{method: [seeds]} for rule aggregate: which runs make each method's scores."""
+    return json.dumps(SEEDS, sort_keys=True)
 
 
 def supervision_folder(wildcards):

@@ -1,12 +1,12 @@
 rule register:
-    """Register every test pair with one method and score it (one row a pair, one row a pair x label)."""
+    """Register every test pair with one run of a method and score it (one row a pair, one row a pair x label)."""
     input:
         info=rules.prepare.output.info,
         model=trained_model,
     output:
-        pairs=f"{RESULTS}/{{dataset}}/{{method}}/pairs.csv",
-        labels=f"{RESULTS}/{{dataset}}/{{method}}/labels.csv",
-        summary=f"{RESULTS}/{{dataset}}/{{method}}/eval.json",
+        pairs=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/pairs.csv",
+        labels=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/labels.csv",
+        summary=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/eval.json",
     params:
         settings=settings_json,
         prepared=prepared_folder,
@@ -15,26 +15,31 @@ rule register:
     resources:
         **job_resources("register"),
     log:
-        f"{RESULTS}/logs/{{dataset}}/{{method}}/register.log",
+        f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/register.log",
     shell:
         "regbench register --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule aggregate:
-    """One leaderboard per dataset: mean, std and median of every metric over the same test pairs."""
+    """One leaderboard per dataset: every metric over the same test pairs, averaged over seeds, with bootstrap
+    intervals of the means and of the ranks."""
     input:
-        expand(f"{RESULTS}/{{{{dataset}}}}/{{method}}/pairs.csv", method=METHODS),
+        run_files("pairs.csv"),
     output:
         board=f"{RESULTS}/{{dataset}}/leaderboard.csv",
         stats=f"{RESULTS}/{{dataset}}/stats.csv",
+        scores=f"{RESULTS}/{{dataset}}/scores.csv",
+        ranks=f"{RESULTS}/{{dataset}}/ranks.csv",
         provenance=f"{RESULTS}/{{dataset}}/leaderboard.json",
     params:
         results=lambda wildcards, output: os.path.dirname(os.path.dirname(output.board)),
         methods=",".join(METHODS),
+        seeds=seeds_json,
+        bootstrap=json.dumps(CONFIG["bootstrap"], sort_keys=True),
     resources:
         **job_resources("aggregate"),
     log:
         f"{RESULTS}/logs/{{dataset}}/aggregate.log",
     shell:
         "regbench aggregate --results {params.results} --dataset {wildcards.dataset} --methods {params.methods}"
-        " > {log} 2>&1"
+        " --seeds {params.seeds:q} --bootstrap {params.bootstrap:q} > {log} 2>&1"

@@ -11,15 +11,16 @@ rule report_dataset:
     input:
         board=f"{RESULTS}/{{dataset}}/leaderboard.csv",
         info=rules.prepare.output.info,
-        labels=expand(f"{RESULTS}/{{{{dataset}}}}/{{method}}/labels.csv", method=METHODS),
-        models=[f"{RESULTS}/{{dataset}}/{m}/model.pt" for m in METHODS if is_trainable(m)],
+        labels=run_files("labels.csv"),
+        models=[f"{RESULTS}/{{dataset}}/{m}/seed{s}/model.pt" for m in METHODS if is_trainable(m) for s in SEEDS[m]],
     output:
         dice=dataset_figure("dice_per_structure", "2 Dice per structure"),
         accuracy=dataset_figure("accuracy_regularity", "3 accuracy against regularity"),
-        runtime=dataset_figure("runtime", "4 time"),
-        curves=dataset_figure("training_curves", "5 training curves"),
-        tuning=dataset_figure("tuning", "6 tuning on the val split"),
-        example=dataset_figure("median_pair", "7 the median test pair"),
+        ranks=dataset_figure("ranks", "4 rank stability"),
+        runtime=dataset_figure("runtime", "5 time"),
+        curves=dataset_figure("training_curves", "6 training curves"),
+        tuning=dataset_figure("tuning", "7 tuning on the val split"),
+        example=dataset_figure("median_pair", "8 the median test pair"),
         table=report(f"{RESULTS}/report/{{dataset}}/leaderboard.html", caption="../report/leaderboard.rst",
                      category="{dataset}", labels={"figure": "1 leaderboard"}),
         facts=f"{RESULTS}/report/{{dataset}}/figures.json",
@@ -37,7 +38,7 @@ rule report_dataset:
     shell:
         "python -m regbench.report.page dataset --results {params.results} --prepared {params.prepared}"
         " --dataset {wildcards.dataset} --methods {params.methods} --settings {params.settings:q}"
-        " --lock {params.lock:q} > {log} 2>&1"
+        " --lock={params.lock:q} > {log} 2>&1"
 
 
 rule report:

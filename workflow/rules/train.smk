@@ -1,20 +1,22 @@
 rule train:
-    """Train one method with its recipe on one dataset's training split (a GPU job on a cluster)."""
+    """Train one method with its recipe and one seed on one dataset's training split (a GPU job on a cluster)."""
     input:
         info=rules.prepare.output.info,
         supervision=syn_supervision,
     output:
-        model=f"{RESULTS}/{{dataset}}/{{method}}/model.pt",
-        log=f"{RESULTS}/{{dataset}}/{{method}}/train_log.csv",
-        summary=f"{RESULTS}/{{dataset}}/{{method}}/train.json",
+        model=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/model.pt",
+        log=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/train_log.csv",
+        summary=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/train.json",
     params:
         settings=settings_json,
         prepared=prepared_folder,
         out=method_folder,
+        supervision=supervision_folder,
     threads: CONFIG["torch_threads"]
     resources:
         **job_resources("train"),
     log:
-        f"{RESULTS}/logs/{{dataset}}/{{method}}/train.log",
+        f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/train.log",
     shell:
-        "regbench train --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
+        "regbench train --prepared {params.prepared} --out {params.out} --settings {params.settings:q}"
+        " --supervision {params.supervision} > {log} 2>&1"

@@ -1,0 +1,19 @@
+"""Where a run's files live: one folder per (dataset, method, seed) under the results folder.
+
+results/<dataset>/<method>/seed<seed>/ holds one training run and its scores (model.pt, train_log.csv, train.json,
+pairs.csv, labels.csv, eval.json); a deterministic method without training is run once, under its first seed.
+results/<dataset>/ holds what joins them (scores.csv, leaderboard.csv, stats.csv, ranks.csv, leaderboard.json).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_dir(results_dir, dataset_id: str, method_id: str, seed: int) -> Path:
+    """results/<dataset>/<method>/seed<seed>: one training run of a method and its test scores."""
+    return Path(results_dir) / dataset_id / method_id / f"seed{int(seed)}"
+
+
+def supervision_dir(results_dir, dataset_id: str) -> Path:
+    """results/<dataset>/syn_supervision: SyN's fields of the training pairs, for methods that learn from them."""
+    return Path(results_dir) / dataset_id / "syn_supervision"
