@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.losses import mse
 from regbench.blocks.patches import (centre_crop, crop, foreground_corners, output_corners, pad_for_patches,
                                      random_corners, sample_at, stitch)
@@ -63,6 +63,8 @@ class Method(RegistrationMethod):
     citation = ("J. Fan, X. Cao, P.-T. Yap, D. Shen. BIRNet: Brain image registration using dual-supervised "
                 "fully convolutional networks. Medical Image Analysis 54:193-206, 2019. arXiv:1802.04692.")
     needs_supervision = True
+    # The image-dissimilarity weight against the supervised fields (regbench's reading: 100) and the rate.
+    search_space = {"dissimilarity_weight": SearchRange(10.0, 1000.0, "log"), "lr": SearchRange(1e-5, 1e-2, "log")}
     recipes = {
         # The paper's patch sizes and loss structure; widths, weights and the schedule are UNVERIFIED.
         "paper": {

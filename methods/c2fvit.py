@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod, WorkingGrid
+from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.decoupled_affine import (affine_warp, center_of_mass, center_of_mass_translation,
                                               decoupled_affine_matrix, matrix_to_displacement, parameter_count)
 from regbench.blocks.losses import local_ncc, multiscale_local_ncc, one_hot, soft_dice_loss
@@ -78,6 +78,8 @@ class Method(RegistrationMethod):
     label_terms = ("dice_weight",)      # C2FViT-s: > 0 and the row learns from labels
     citation = ("T. C. W. Mok, A. C. S. Chung. Affine Medical Image Registration with Coarse-to-Fine Vision "
                 "Transformer. CVPR 2022, arXiv:2203.15216. Code: github.com/cwmok/C2FViT.")
+    # No regulariser (the decoupled parameters' ranges bound the affine): the rate alone.
+    search_space = {"lr": SearchRange(1e-5, 1e-2, "log")}
     recipes = {
         # Official code: Adam 1e-4 constant, one pair a step, 160k iterations (checkpoints every 1000, the
         # best chosen on 10 validation scans); 128^3 inputs, 16^3 tokens of width 256 at every stage.

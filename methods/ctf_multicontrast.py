@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.affine import affine_displacement, compose_affine
 from regbench.blocks.losses import (background_suppression_loss, dual_consistency_loss, mutual_information_loss,
                                     neighbour_smoothness)
@@ -82,6 +82,10 @@ class Method(RegistrationMethod):
                 "deformable transformation framework for unsupervised multi-contrast MR image registration with "
                 "dual consistency constraint. IEEE TMI 40(10):2589-2599, 2021, doi:10.1109/TMI.2021.3059282. "
                 "Code: github.com/SZUHvern/TMI_multi-contrast-registration.")
+    # The paper's two regularisers of the deformable network (smoothness, dual consistency lambda_4) and its rate.
+    search_space = {"smoothness_weight": SearchRange(0.1, 10.0, "log"), "dual_weight": SearchRange(10.0, 1000.0, "log"),
+                    "lr": SearchRange(1e-4, 1e-1, "log")}
+    budget_keys = ("affine_iterations", "iterations")
     recipes = {
         # The code's settings: AT-Net Adam 1e-4, DT-Net Adam 1e-2; epochs and early stopping replaced by a fixed
         # budget (``deviations``). For a dataset that serves the second contrast (IXI T1 <-> T2).

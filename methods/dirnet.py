@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.bspline import bspline_displacement
 from regbench.blocks.losses import global_ncc
 from regbench.method import TrainingStage
@@ -45,6 +45,8 @@ class Method(RegistrationMethod):
     citation = ("B. D. de Vos, F. F. Berendsen, M. A. Viergever, M. Staring, I. Isgum. End-to-end unsupervised "
                 "deformable image registration with a convolutional neural network. DLMIA 2017, LNCS 10553, "
                 "pp. 204-212, doi:10.1007/978-3-319-67558-9_24, arXiv:1704.06065.")
+    # No regulariser (the control grid is the only one): the rate alone.
+    search_space = {"lr": SearchRange(1e-4, 1e-1, "log")}
     recipes = {
         # TorchIR's recreation of the paper's MNIST experiment: spacing 8, 16 kernels, Adam (amsgrad) 1e-3,
         # batches of 32 pairs, 100 epochs of 100 batches.

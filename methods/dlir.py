@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.affine import affine_displacement
 from regbench.blocks.bspline import bspline_displacement
 from regbench.blocks.losses import global_ncc, bending_energy
@@ -60,6 +60,8 @@ class Method(RegistrationMethod):
     citation = ("B. D. de Vos, F. F. Berendsen, M. A. Viergever, H. Sokooti, M. Staring, I. Isgum. A deep learning "
                 "framework for unsupervised affine and deformable image registration. Medical Image Analysis "
                 "52:128-143, 2019, doi:10.1016/j.media.2018.11.010, arXiv:1809.06130.")
+    # The bending weight alpha (the paper's value is unverified) and the rate.
+    search_space = {"bending_weight": SearchRange(0.01, 10.0, "log"), "lr": SearchRange(1e-4, 1e-1, "log")}
     recipes = {
         # TorchIR's example budget (the paper's is UNVERIFIED): batch 32, 10,000 Adam steps a stage at 1e-3.
         "paper": {

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod, WorkingGrid
+from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.losses import (INVERSE_CONSISTENCY_VARIANTS, antifolding_loss, gradient_smoothness,
                                     inverse_consistency_loss, mse, self_sampled_inverse)
 from regbench.blocks.spatial import warp
@@ -61,6 +61,10 @@ class Method(RegistrationMethod):
     name = "icnet"
     citation = ("J. Zhang. Inverse-Consistent Deep Networks for Unsupervised Deformable Image Registration. "
                 "arXiv:1809.03443, 2018. Code: github.com/zhangjun001/ICNet (commit 0a308e7).")
+    # The code suggests the smoothness weight in 0.1-10; the inverse-consistency weight is the paper's beta; anti-
+    # folding acts only on folds and stays the code's. And the rate.
+    search_space = {"smoothness_weight": SearchRange(0.1, 10.0, "log"), "inverse_weight": SearchRange(0.005, 0.5, "log"),
+                    "lr": SearchRange(1e-5, 1e-2, "log")}
     recipes = {
         # Train.py: Adam 5e-4, one pair a step, 20,001 iterations, a checkpoint every 4,000.
         "paper": {

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod
+from regbench import Deviation, RegistrationMethod, SearchRange
 from regbench.blocks.cost_volume import correlation_offsets, cost_volume
 from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, present_label_dice_loss
 from regbench.method import TrainingStage
@@ -69,6 +69,7 @@ _COMMON = {
     "phase_lr_factors": [1.0, 0.5, 0.5],               # 1e-4, 5e-5, 5e-5
     "phase_lr_schedules": ["constant", "constant", "halving"],  # "halving": the fine-tuning's LR_scheduler
     "smoothness_weights": [[2 * w for w in _HALVING], [10 * w for w in _HALVING], [1 * w for w in _HALVING]],
+    "smoothness_scale": 1.0,                  # multiplies every smoothness weight (what tuning changes; 1: the code's)
     "affine_weights": [[0.0] * 5, [1.0, 2.0, 4.0, 8.0, 16.0], [0.0] * 5],
     "affine_penalty": "intended",             # "intended": mean(a^2); "coded": mean((a - vec[I|0])^2)
     "affine_activity_weight": 0.1,            # L1 on the affine outputs a, every level, every phase
@@ -85,6 +86,8 @@ class Method(RegistrationMethod):
                 "Segmentation, Classification, and Registration of Multi-modality Medical Imaging Data "
                 "(MICCAI 2020 challenges, Learn2Reg), Springer LNCS, 2021, doi:10.1007/978-3-030-71827-5_10.")
     label_terms = ("dice_weight",)   # the Dice of the warped training labels: the row learns from labels
+    # The smoothness weights of every phase and level, scaled together (smoothness_scale 1: the code's), and the rate.
+    search_space = {"smoothness_scale": SearchRange(0.1, 10.0, "log"), "lr": SearchRange(1e-5, 1e-2, "log")}
     recipes = {
         # The code's three scripts at 64^3, batch 1 (one GPU), one after the other: pre-training, 500 epochs of
         # 50 pairs from each of three tasks at 1e-4 (75k steps); multi-task training, 100 epochs of 300 pairs a
@@ -201,7 +204,8 @@ class Method(RegistrationMethod):
             level_fixed, level_moving = _resample(fixed, flow.shape[2:]), _resample(moving, flow.shape[2:])
             warped = warp(level_moving, flow, padding_mode="border")
             terms[f"similarity_{level}"] = (recipe["similarity_weights"][level], similarity(level_fixed, warped))
-            terms[f"smoothness_{level}"] = (recipe["smoothness_weights"][phase][level], gradient_smoothness(flow, "l2"))
+            weight = recipe["smoothness_scale"] * recipe["smoothness_weights"][phase][level]
+            terms[f"smoothness_{level}"] = (weight, gradient_smoothness(flow, "l2"))
             terms[f"affine_{level}"] = (recipe["affine_weights"][phase][level],
                                         affine_penalty(a, recipe["affine_penalty"]))
             terms[f"affine_activity_{level}"] = (recipe["affine_activity_weight"], affine_activity(a))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod, WorkingGrid
+from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
 from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
                                      step_decay_stages)
@@ -59,6 +59,8 @@ class Method(RegistrationMethod):
     name = "rcn"
     citation = ("S. Zhao, Y. Dong, E. I-C. Chang, Y. Xu. Recursive Cascaded Networks for Unsupervised "
                 "Medical Image Registration. ICCV 2019. arXiv:1907.12353.")
+    # The smoothness weight (the code's 1.0) and the rate; det and ortho of the affine cascade stay the code's.
+    search_space = {"smoothness_weight": SearchRange(0.1, 10.0, "log"), "lr": SearchRange(1e-5, 1e-2, "log")}
     recipes = {
         # The official training: 5 epochs of 20k iterations of 4 pairs at 128^3, Adam 1e-4 (5e-5 in epoch 4,
         # 2.5e-5 in epoch 5), 10 VTN cascades (the paper's largest released model; memory grows linearly with

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod, WorkingGrid
+from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
 from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
                                      step_decay_stages)
@@ -62,6 +62,8 @@ class Method(RegistrationMethod):
     name = "vtn"
     citation = ("S. Zhao, T. Lau, J. Luo, E. I-C. Chang, Y. Xu. Unsupervised 3D End-to-End Medical Image "
                 "Registration with Volume Tweening Network. IEEE JBHI 24(5):1394-1404, 2020. arXiv:1902.05020.")
+    # The code's smoothness weight (the paper's Table I is unverified) and the rate; det and ortho stay the code's.
+    search_space = {"smoothness_weight": SearchRange(0.1, 10.0, "log"), "lr": SearchRange(1e-5, 1e-2, "log")}
     recipes = {
         # The official code's training of "VTN (ADDD)" (RCN repository): 5 epochs of 20k iterations of 4 pairs at
         # 128^3, Adam 1e-4 (5e-5 in epoch 4, 2.5e-5 in epoch 5); no invertibility loss (the override

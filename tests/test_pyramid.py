@@ -241,6 +241,17 @@ def test_phases_scale_to_the_iterations_and_switch_the_weights(pyramid):
         assert [terms[f"affine_{level}"][0] for level in range(5)] == recipe["affine_weights"][phase]
 
 
+def test_smoothness_scale_multiplies_every_phase_and_level(pyramid):
+    """The one knob tuning turns: 1 is the code's weights, 2 doubles each of them."""
+    net, recipe = build(pyramid, 2, iterations=195, smoothness_scale=2.0)
+    batch = labelled_batch((32, 32))
+    for index, phase in enumerate([0, 1]):
+        pyramid.start_stage(net, index, recipe)
+        terms = pyramid.loss_terms(net, batch, recipe)
+        assert [terms[f"smoothness_{level}"][0] for level in range(5)] == \
+            [2.0 * w for w in recipe["smoothness_weights"][phase]]
+
+
 def test_fine_tuning_rate_follows_the_scripts_schedule(pyramid):
     # LR_scheduler of train_tf_task2.py: per tenth of the phase 1, 1/2, 1/4, 1/8, 1/16, 1/2, 1/4, 1/8, 1/16, 1/16
     net, recipe = build(pyramid, 2, iterations=200, phase_iterations=[0, 0, 1])
