@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from regbench import Deviation, RegistrationMethod, SearchRange
+from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
 from regbench.blocks.networks import UNet, flow_head
 from regbench.blocks.spatial import integrate_velocity, resize_displacement, warp
@@ -47,6 +47,7 @@ _COMMON = {
     "int_steps": 7,               # scaling and squaring steps (diffeomorphic only)
     "int_downsize": 2,            # the velocity lives at 1/int_downsize resolution (diffeomorphic only)
     "bidir": False,               # also warp fixed -> moving; each similarity weighted 0.5
+    "working_size": 0,            # > 0: run on an isotropic working_size^d grid fitted to the image (0: its own)
     "checkpoint_every": 1000,
 }
 
@@ -74,13 +75,14 @@ class Method(RegistrationMethod):
             "lr": 1e-4,
             "log_every": 100,
         },
-        # The default CPU run (embedded2d, 176 x 176 slices, 2 threads): the same network and loss with a
-        # 10x step size, so that about a minute of training (some 40 ms a step) registers visibly:
-        # mean test Dice 0.60 unregistered -> 0.70 after 600 steps, 0.76 after 1000, 0.79 after 1500.
+        # The default CPU run (embedded2d, 176 x 176 slices): the same network and loss with a 10x step size, on a
+        # 128 x 128 working grid (1.38 mm voxels, a quick-only deviation): 40 ms a step on one CPU thread instead of
+        # 90 at 176 x 176, and mean Dice of the 13 val pairs (seed 0) 0.806 against 0.794 (0.63 unregistered).
         "quick": {
             **_COMMON,
             "smoothness_weight": None,
             "dice_weight": 0.0,
+            "working_size": 128,
             "iterations": 1500,
             "batch_size": 1,
             "lr": 1e-3,
@@ -109,6 +111,11 @@ class Method(RegistrationMethod):
                   "(TMI 2019, and the Keras code) is kept, and the factor applies to the half-resolution "
                   "velocity only. The row follows the paper; the PyTorch script would regularise twice as much.",
                   recipes=("paper", "quick"), changes_results=False),
+        Deviation("Quick recipe: the network runs on a 128 x 128 working grid fitted to the image",
+                  "The papers register at the dataset's resolution; the default CPU run of three seeds must fit its "
+                  "time budget, and at 1.38 mm voxels a step costs less than half (val Dice 0.806 against 0.794 at "
+                  "176 x 176, seed 0). The displacement is brought back to the dataset's grid in mm.",
+                  recipes=("quick",)),
         Deviation("The Dice term warps one-hot labels linearly over the dataset's evaluation labels",
                   "TMI's auxiliary-data variant used coarse label groups; it is off (dice_weight 0) in both "
                   "recipes.", recipes=()),
@@ -126,6 +133,10 @@ class Method(RegistrationMethod):
             raise ValueError(f"method 'voxelmorph': recipe key 'smoothness_weight' must be a number, "
                              f"got {recipe['smoothness_weight']!r}")
         return recipe
+
+    def working_grid(self, ndim: int, recipe: dict) -> WorkingGrid | None:
+        """The papers run on the dataset's grid; ``working_size`` > 0 runs the network on a coarser cube."""
+        return WorkingGrid((int(recipe["working_size"]),) * ndim) if recipe["working_size"] else None
 
     def build(self, ndim: int, recipe: dict) -> nn.Module:
         encoder, decoder = _features(recipe)
