@@ -10,6 +10,8 @@ voxels in from each side (BIRNet: 64 -> 24, margin 20). Everything here is in vo
 - :func:`output_corners`: the corners of output tiles that cover an image, ``stride`` apart along each
   axis, the last one flush with the far border; with ``stride < out_size`` the tiles overlap.
 - :func:`stitch`: put output tiles back on the image grid, averaging where they overlap.
+- :func:`blend`: the same with a smooth window (:func:`tile_window`), so that a field stitched from
+  overlapping tiles has no step where one tile ends.
 - :func:`sample_at`: linear interpolation of an image at arbitrary voxel positions (a patch warped with
   a displacement that reaches outside the patch samples the whole image).
 """
@@ -21,7 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["centre_crop", "crop", "pad_for_patches", "output_corners", "stitch", "sample_at", "random_corners", "foreground_corners"]
+__all__ = ["centre_crop", "crop", "pad_for_patches", "output_corners", "stitch", "sample_at", "random_corners",
+           "foreground_corners", "tile_window", "blend"]
 
 
 def centre_crop(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
@@ -110,6 +113,52 @@ def stitch(tiles: torch.Tensor, corners: Sequence[Sequence[int]], shape: Sequenc
     if bool((count == 0).any()):
         raise ValueError("the tiles do not cover the whole grid")
     return total / count
+
+
+def tile_window(corner: Sequence[int], size: int, shape: Sequence[int], dtype=torch.float32,
+                device=None) -> torch.Tensor:
+    """The blending weight of a ``size``^d tile at ``corner`` of a ``shape`` grid (``*([size] * d)``).
+
+    Along each axis, a raised cosine ``sin^2(pi (t + 1) / (size + 1))`` of the tile's voxel ``t``: largest at the
+    tile's centre and falling toward zero one voxel past each edge; on a side where the tile touches the grid's
+    border it stays 1 from the centre to that border (no other tile covers it there). Every voxel of the tile
+    gets a positive weight.
+    """
+    t = torch.arange(size, dtype=torch.float64)
+    raised = torch.sin(torch.pi * (t + 1) / (size + 1)) ** 2
+    weight = torch.ones((), dtype=torch.float64)
+    for c, n in zip(corner, shape):
+        axis = raised.clone()
+        if int(c) <= 0:
+            axis[t <= (size - 1) / 2] = 1.0
+        if int(c) + size >= int(n):
+            axis[t >= (size - 1) / 2] = 1.0
+        weight = weight[..., None] * axis
+    return weight.to(dtype=dtype, device=device)
+
+
+def blend(tiles: torch.Tensor, corners: Sequence[Sequence[int]], shape: Sequence[int]) -> torch.Tensor:
+    """``N x C x *([size] * d)`` tiles placed at ``corners`` onto a ``1 x C x *shape`` grid, each voxel the mean of
+    the tiles that cover it weighted by :func:`tile_window`.
+
+    The weights fall smoothly toward a tile's inner edges, so where tiles overlap the result passes from one
+    tile's values to the next without a step. Every tile must lie inside ``shape``; every voxel must be covered.
+    """
+    size = tiles.shape[2]
+    if any(n != size for n in tiles.shape[2:]):
+        raise ValueError(f"blend takes tiles of one size along every axis, got {tuple(tiles.shape[2:])}")
+    if any(int(c) < 0 or int(c) + size > int(n) for corner in corners for c, n in zip(corner, shape)):
+        raise ValueError(f"every {size}-voxel tile must lie inside the grid {tuple(shape)}")
+    total = tiles.new_zeros(1, tiles.shape[1], *shape)
+    weights = tiles.new_zeros(1, 1, *shape)
+    for tile, corner in zip(tiles, corners):
+        region = (slice(None), slice(None), *(slice(int(c), int(c) + size) for c in corner))
+        window = tile_window(corner, size, shape, tiles.dtype, tiles.device)
+        total[region] += tile * window
+        weights[region] += window
+    if bool((weights == 0).any()):
+        raise ValueError("the tiles do not cover the whole grid")
+    return total / weights
 
 
 def sample_at(image: torch.Tensor, positions: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
