@@ -29,8 +29,8 @@ from torch import nn
 
 from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
-from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
-                                     step_decay_stages)
+from regbench.blocks.cascade import (CASCADE_DEVIATIONS, augment_moving, build_cascade, correlation_loss,
+                                     stage_smoothness, step_decay_stages)
 
 _COMMON = {
     "base_network": "vtn",             # the dense cascades: "vtn" or "voxelmorph"
@@ -94,17 +94,7 @@ class Method(RegistrationMethod):
     }
 
     deviations = (
-        Deviation("every loss term is averaged over the batch; the official code sums it",
-                  "the terms keep their ratios, and Adam's steps do not depend on the loss's scale (up to its "
-                  "epsilon)", changes_results=False),
-        Deviation("the dataset's whole field of view is fitted isotropically into the 128^d cube (zero padding, "
-                  "linear resampling, regbench.geometry), and the displacement brought back to the dataset's grid",
-                  "the paper crops a region of interest (a liver bounding box, the brain) and resizes it to 128^3; "
-                  "regbench scores every dataset on its own grid and field of view"),
-        Deviation("the affine head average-pools the coarsest feature map to 2^d before its fully connected layers "
-                  "(the code: a 'valid' convolution over the 2^3 map)",
-                  "so that any grid works (working_size 0: the dataset's grid); on the 128^d cube with 6 levels "
-                  "the map is 2^d and the pooling does nothing", recipes=("paper",), changes_results=False),
+        *CASCADE_DEVIATIONS,
         Deviation("quick: 5 levels on the 128^2 cube leave a 4^2 map, average-pooled to the head's 2^2",
                   "the spec's small configuration (5 levels), as methods/vtn.py's quick recipe", recipes=("quick",)),
         Deviation("quick: the affine head and each cascade's last layer start from N(0, 1e-5) (head_init "

@@ -32,8 +32,8 @@ from torch import nn
 
 from regbench import Deviation, RegistrationMethod, SearchRange, WorkingGrid
 from regbench.blocks.affine import affine_matrix, determinant_loss, orthogonality_loss
-from regbench.blocks.cascade import (augment_moving, build_cascade, correlation_loss, stage_smoothness,
-                                     step_decay_stages)
+from regbench.blocks.cascade import (CASCADE_DEVIATIONS, augment_moving, build_cascade, correlation_loss,
+                                     stage_smoothness, step_decay_stages)
 from regbench.blocks.losses import invertibility_loss
 
 _COMMON = {
@@ -110,17 +110,7 @@ class Method(RegistrationMethod):
         Deviation("loss weights and normalisations are the official code's: smoothness 1.0 on tf.nn.l2_loss of "
                   "the differences over |Omega| d, det 0.1 on 1/2 (det A - 1)^2, ortho 0.1",
                   "the paper's Table I is unverified; its (det A - 1)^2 at weight w is det_weight 2w here"),
-        Deviation("every loss term is averaged over the batch; the official code sums it",
-                  "the terms keep their ratios, and Adam's steps do not depend on the loss's scale (up to its "
-                  "epsilon)", changes_results=False),
-        Deviation("the dataset's whole field of view is fitted isotropically into the 128^d cube (zero padding, "
-                  "linear resampling, regbench.geometry), and the displacement brought back to the dataset's grid",
-                  "the paper crops a region of interest (a liver bounding box, the brain) and resizes it to 128^3; "
-                  "regbench scores every dataset on its own grid and field of view"),
-        Deviation("the affine head average-pools the coarsest feature map to 2^d before its fully connected layers "
-                  "(the code: a 'valid' convolution over the 2^3 map)",
-                  "so that any grid works (working_size 0: the dataset's grid); on the 128^d cube with 6 levels "
-                  "the map is 2^d and the pooling does nothing", recipes=("paper",), changes_results=False),
+        *CASCADE_DEVIATIONS,
         Deviation("quick: 5 levels on the 128^2 cube leave a 4^2 map, average-pooled to the head's 2^2",
                   "the spec's small configuration (5 levels); 6 levels at c = 8 quadruple the parameters and cost "
                   "a third more per step, and for the same training time score no better on val (Dice 0.727 vs "

@@ -34,9 +34,26 @@ from torch import nn
 from regbench.blocks.affine import affine_displacement, compose_affine
 from regbench.blocks.networks import ConvBlock, UNet, conv, flow_head
 from regbench.blocks.spatial import compose_displacements, warp
-from regbench.method import TrainingStage
+from regbench.method import Deviation, TrainingStage
+
+#: Where the cascades of VTN and RCN (one network code, microsoft/Recursive-Cascaded-Networks) depart from it.
+CASCADE_DEVIATIONS = (
+    Deviation("every loss term is averaged over the batch; the official code sums it",
+              "the terms keep their ratios, and Adam's steps do not depend on the loss's scale (up to its "
+              "epsilon)", changes_results=False),
+    Deviation("the dataset's whole field of view is fitted isotropically into the 128^d cube (zero padding, "
+              "linear resampling, regbench.geometry), and the displacement brought back to the dataset's grid",
+              "the paper crops a region of interest (a liver bounding box, the brain) and resizes it to 128^3; "
+              "regbench scores every dataset on its own grid and field of view"),
+    Deviation("the affine head average-pools the coarsest feature map to 2^d before its fully connected layers "
+              "(the code: a 'valid' convolution over the 2^3 map)",
+              "so that any grid works (working_size 0: the dataset's grid); on the 128^d cube with 6 levels "
+              "the map is 2^d and the pooling does nothing", recipes=("paper",), changes_results=False),
+)
+
 
 __all__ = [
+    "CASCADE_DEVIATIONS",
     "VTNEncoder",
     "VTNFlow",
     "AffineStem",
