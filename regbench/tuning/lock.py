@@ -1,6 +1,6 @@
 """The lock file of a tuning: per method, the values chosen on one dataset's val split, with the trials behind them.
 
-``config/tuned/<dataset>.yaml`` is written by rule ``tune_lock`` (``snakemake --cores all tune``) from every
+``config/tuned/<dataset>.yaml`` is written by rule ``lock_<dataset>`` (``snakemake --cores all tune``) from every
 method's choice.json, reviewed and checked in; a config names it (``tuned: {<dataset>: <file>}``) and its runs
 train with those values (a config's own overrides still win). A lock file of another dataset, or one that names a
 key a method's recipe does not have, stops the run with one error naming the file.
