@@ -64,17 +64,21 @@ class TrainingStage(NamedTuple):
 class Deviation(NamedTuple):
     """One way a method file departs from its paper or the paper's official code.
 
-    ``recipes``: the recipes that run with it (a quick-only change of the method lists ``("quick",)``; an option
-    that is off by default lists none; a quick recipe's ordinary scaling, a smaller network or budget, is in its
-    recipe, not here). ``changes_results``: True where a row's numbers can differ from the paper's method because
+    ``recipes``: the recipes that run with it (``("*",)``, the default: every recipe; a quick-only change of the
+    method lists ``("quick",)``; an option that is off by default lists none; a quick recipe's ordinary scaling, a
+    smaller network or budget, is in its recipe, not here). ``changes_results``: True where a row's numbers can differ from the paper's method because
     of it; False for a difference of form (a normalisation folded into a weight) or where the file follows the
     paper against its code.
     """
 
     what: str
     why: str
-    recipes: tuple[str, ...] = ("paper", "quick")
+    recipes: tuple[str, ...] = ("*",)
     changes_results: bool = True
+
+    def applies_to(self, recipe_name: str) -> bool:
+        """True when the recipe ``recipe_name`` runs with this deviation."""
+        return "*" in self.recipes or recipe_name in self.recipes
 
 
 class SearchRange(NamedTuple):
@@ -141,7 +145,7 @@ class RegistrationMethod:
 
     def departures(self, recipe_name: str) -> list[Deviation]:
         """The deviations that the recipe ``recipe_name`` runs with and that can change its results."""
-        return [d for d in self.deviations if recipe_name in d.recipes and d.changes_results]
+        return [d for d in self.deviations if d.applies_to(recipe_name) and d.changes_results]
 
     def recipe(self, which: str = "quick", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The named recipe with ``overrides`` applied, then :meth:`complete_recipe`; an unknown key or recipe is

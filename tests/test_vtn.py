@@ -404,3 +404,13 @@ def test_short_training_lowers_the_loss_and_beats_identity(vtn, small_embedded2d
     assert run.saved_recipe == recipe and run.summary["iterations"] == 250
     assert run.trained_loss < run.untrained_loss - 0.005, (run.untrained_loss, run.trained_loss)
     assert run.trained_dice > run.identity_dice + 0.03, (run.identity_dice, run.trained_dice)
+
+
+def test_the_papers_full_method_is_a_recipe_and_the_baseline_says_it_is_not(vtn):
+    full = vtn.recipe("paper_invertible")
+    assert full["inverse_weight"] > 0 and {k: v for k, v in full.items() if k != "inverse_weight"} == \
+        {k: v for k, v in vtn.recipe("paper").items() if k != "inverse_weight"}
+    baseline = [d.what for d in vtn.departures("paper")]
+    assert any("no invertibility loss" in what for what in baseline)
+    assert not any("no invertibility loss" in what for what in (d.what for d in vtn.departures("paper_invertible")))
+    assert any("invertibility loss, when on" in d.what for d in vtn.departures("paper_invertible"))

@@ -99,7 +99,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
 
 def deviation_records(method: RegistrationMethod, recipe_name: str | None) -> list[dict]:
     """The method's deviations as JSON records; ``applies``: the recipe runs with it and it can change results."""
-    applying = method.departures(recipe_name) if recipe_name else []
+    applying = method.departures(recipe_name) if recipe_name else []  # "*" in recipes: every recipe
     return [{"what": d.what, "why": d.why, "recipes": list(d.recipes), "changes_results": d.changes_results,
              "applies": d in applying} for d in method.deviations]
 

@@ -580,7 +580,9 @@ def _number(value) -> str:
 
 def _recipes_text(deviation: dict) -> str:
     recipes = deviation.get("recipes", [])
-    return ("recipes: " + ", ".join(recipes)) if recipes else "an option, off in both recipes"
+    if "*" in recipes:
+        return "every recipe"
+    return ("recipes: " + ", ".join(recipes)) if recipes else "an option, off in every recipe"
 
 
 def _spacing_text(spacing) -> str:

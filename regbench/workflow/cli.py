@@ -273,7 +273,7 @@ def cmd_list(args) -> None:
     if args.what == "methods":
         for method_id in plugins.method_ids():
             method = plugins.load_method(method_id)
-            paper = sum("paper" in d.recipes and d.changes_results for d in method.deviations)
+            paper = sum(d.applies_to("paper") and d.changes_results for d in method.deviations)
             deviations = f"{len(method.deviations)} deviations ({paper} in the paper recipe)"
             citation = method.citation.splitlines()[0] if method.citation else ""
             print(f"{method_id:20s} {'trained' if method.trainable else 'no training':12s} {deviations:34s} {citation}")
