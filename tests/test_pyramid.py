@@ -436,8 +436,8 @@ def test_bad_recipes_and_batches_are_named(pyramid):
 
 
 def test_short_training_lowers_the_loss_and_beats_identity(pyramid, small_embedded2d, tmp_path):
-    recipe = pyramid.recipe("quick", {"iterations": 200, "checkpoint_every": 1000})
+    recipe = pyramid.recipe("quick", {"iterations": 400, "checkpoint_every": 1000})
     run = short_training(pyramid, recipe, small_embedded2d, tmp_path / "run")
-    assert run.saved_recipe == recipe and run.summary["iterations"] == 200
+    assert run.saved_recipe == recipe and run.summary["iterations"] == 400
     assert run.trained_loss < run.untrained_loss - 0.5, (run.untrained_loss, run.trained_loss)
     assert run.trained_dice > run.identity_dice + 0.03, (run.identity_dice, run.trained_dice)

@@ -43,12 +43,12 @@ resources:
     identity: {register: {runtime: 15, mem_mb: 1500}}
 """
 
-# (runtime minutes, mem_mb, cpus, gpus) that TINY asks for, per job (rule, method)
+# (runtime minutes, mem_mb, cpus, gpus) that TINY asks for, per job (rule, method_seed)
 EXPECTED = {
     ("prepare", None): (10, 1000, 1, 0),
-    ("train", "voxelmorph"): (20, 2000, 1, 1),
-    ("register", "identity"): (15, 1500, 1, 0),
-    ("register", "voxelmorph"): (10, 1000, 1, 0),
+    ("train", "voxelmorph_0"): (20, 2000, 1, 1),
+    ("register", "identity_0"): (15, 1500, 1, 0),
+    ("register", "voxelmorph_0"): (10, 1000, 1, 0),
     ("aggregate", None): (10, 1000, 1, 0),
     ("report_dataset", None): (10, 1000, 1, 0),
     ("report", None): (10, 1200, 1, 0),

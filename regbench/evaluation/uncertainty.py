@@ -39,7 +39,9 @@ def seed_averaged(table: pd.DataFrame) -> pd.DataFrame:
 
 def between_seed_std(matrix: np.ndarray) -> float:
     """Standard deviation over seeds of the per-seed mean over pairs (NaN with one seed)."""
-    per_seed = np.nanmean(matrix, axis=1)
+    counts = np.isfinite(matrix).sum(axis=1)
+    per_seed = np.where(np.isfinite(matrix), matrix, 0.0).sum(axis=1) / np.maximum(counts, 1)
+    per_seed = per_seed[counts > 0]   # a seed that scored nothing (a metric the method has no value for)
     return float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
 
 

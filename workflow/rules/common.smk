@@ -111,7 +111,7 @@ def tune_settings(wildcards):
 
 
 def seeds_json(wildcards):
-    """{method: [seeds]} for rule aggregate: which runs make each method's scores."""
+    """{method: [seeds]} for the aggregate step: which runs make each method's scores."""
     return json.dumps(SEEDS, sort_keys=True)
 
 
