@@ -42,37 +42,37 @@ from __future__ import annotations
 import numpy as np
 
 from regbench.evaluation.metrics.inputs import (
-                                                _as_displacement,
-                                                _as_label_map,
-                                                _as_labels,
-                                                _as_mask,
-                                                _as_spacing,
-                                                )
+    _as_displacement,
+    _as_label_map,
+    _as_labels,
+    _as_mask,
+    _as_spacing,
+)
 from regbench.evaluation.metrics.jacobian import (
-                                                  _field_pass,
-                                                  end_point_error,
-                                                  fold_pct,
-                                                  jacobian_determinant,
-                                                  ndv,
-                                                  sdlogj,
-                                                  sdlogj_l2r,
-                                                  )
+    _field_pass,
+    end_point_error,
+    fold_pct,
+    jacobian_determinant,
+    ndv,
+    sdlogj,
+    sdlogj_l2r,
+)
 from regbench.evaluation.metrics.overlap import (
-                                                 _absent,
-                                                 _compact,
-                                                 _dice_from_joint,
-                                                 _joint_counts,
-                                                 _warp_linear,
-                                                 _warp_nearest,
-                                                 dice_per_label,
-                                                 warp_label_map,
-                                                 )
+    _absent,
+    _compact,
+    _dice_from_joint,
+    _joint_counts,
+    _warp_linear,
+    _warp_nearest,
+    dice_per_label,
+    warp_label_map,
+)
 from regbench.evaluation.metrics.surface import (
-                                                 _hd_from_compact,
-                                                 hd95_per_label,
-                                                 hd95_vox_per_label,
-                                                 surface_element_areas,
-                                                 )
+    _hd_from_compact,
+    hd95_per_label,
+    hd95_vox_per_label,
+    surface_element_areas,
+)
 
 __all__ = [
     "dice_per_label",
