@@ -1,4 +1,4 @@
-"""Register every test pair with one method and score it: results/<ds>/<m>/pairs.csv and labels.csv.
+"""Register every test pair with one method and score it: results/<ds>/<m>/seed<k>/pairs.csv and labels.csv.
 
 The registration call alone is timed (no file I/O): one warm-up call, then the median of
 ``runtime_repeats`` calls, with ``torch.cuda.synchronize()`` around each on GPU. Peak memory is

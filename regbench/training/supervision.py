@@ -30,6 +30,7 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
+import re
 import sys
 import time
 from pathlib import Path
@@ -128,9 +129,11 @@ def supervised_batch(dataset, supervision: Supervision, iteration: int, batch_si
 
 
 def supervision_dir(out_dir) -> Path:
-    """Where a training run in ``results/<dataset>/<method>`` finds its dataset's SyN supervision:
-    ``results/<dataset>/syn_supervision`` (the output folder of rule syn_supervision)."""
-    return Path(out_dir).parent / "syn_supervision"
+    """Where a training run in ``results/<dataset>/<method>/seed<k>`` (or ``results/<dataset>/<method>``) finds its
+    dataset's SyN supervision: ``results/<dataset>/syn_supervision`` (the output folder of rule syn_supervision)."""
+    out_dir = Path(out_dir)
+    method_dir = out_dir.parent if re.fullmatch(r"seed\d+", out_dir.name) else out_dir
+    return method_dir.parent / "syn_supervision"
 
 
 def training_batches(method, dataset, out_dir, recipe: dict[str, Any], supervision_folder=None):
