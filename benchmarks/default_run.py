@@ -1,14 +1,17 @@
-"""The default benchmark's budget: wall time of `snakemake --cores all` from nothing, twice.
+"""The default benchmark's budget: wall time of `snakemake --cores all` from nothing, and the README's figures.
 
-Prints the wall time of each run, the mean test Dice of every method (and VoxelMorph's gain over no
-registration), and whether the two runs' leaderboard.csv files are identical apart from timing and
-memory columns. Each run starts in an empty working directory, as on a clean clone.
+Prints the wall time of each run, the mean test Dice of every method with its bootstrap interval and rank,
+and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart from timing columns.
+Each run starts in an empty working directory, as on a clean clone. With --readme, the figures table of the
+README (between its <!-- default-run --> markers) is rewritten from the first run's leaderboard, with the
+commit and the wall time that produced it: the README's numbers are always a run's, never typed in.
 
-    python benchmarks/default_run.py [--configfile config/config.yaml] [--runs 2]
+    python benchmarks/default_run.py [--configfile config/config.yaml] [--runs 1] [--readme README.md]
 """
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,9 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from regbench.evaluation.aggregate import TIMING_COLUMNS as TIMING_PREFIXES
+from regbench.evaluation.aggregate import TIMING_COLUMNS, method_label, rank_text
+from regbench.runtime import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- default-run -->", "<!-- /default-run -->"
 
 
 def run_once(workdir: Path, configfile: Path) -> float:
@@ -30,33 +35,66 @@ def run_once(workdir: Path, configfile: Path) -> float:
     return time.perf_counter() - start
 
 
+def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: Path) -> str:
+    """The README's table: rank with its interval, method, what it learned from, Dice mean ± std and its interval,
+    folding, runtime per pair and training time, and a line saying what produced it."""
+    lines = ["| rank | method | learns from | Dice | Dice 95 % CI | folds (%) | runtime (s) | training (s) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for _, row in board.iterrows():
+        train = "–" if pd.isna(row.get("train_time_s")) else f"{row['train_time_s']:.0f}"
+        lines.append(f"| {rank_text(row)} | {method_label(row)} | {row['supervision']} | "
+                     f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} | "
+                     f"{row['dice_ci_low']:.3f} to {row['dice_ci_high']:.3f} | {row['fold_pct_mean']:.3f} | "
+                     f"{row['runtime_s_mean']:.3f} | {train} |")
+    seeds = int(board["n_seeds"].max())
+    lines.append("")
+    lines.append(f"Measured by `python benchmarks/default_run.py --readme README.md` at commit `{commit[:12]}` "
+                 f"(`{configfile.relative_to(ROOT) if configfile.is_relative_to(ROOT) else configfile}`, "
+                 f"{seeds} seeds, {int(board['n_pairs'].max())} test pairs): {seconds / 60:.1f} min of wall time on "
+                 f"this machine's CPU, from nothing. Training time: mean over the seeds, one thread.")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: no {START} ... {END} block to write the figures into")
+    readme.write_text(pattern.sub(lambda _: f"{START}\n{table}\n{END}", text))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", type=Path, default=ROOT / "config" / "config.yaml")
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--readme", type=Path, help="rewrite this README's figures table from the first run")
     args = parser.parse_args()
-    boards = []
+    boards, seconds = [], []
+    commit = git_commit(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             workdir = Path(tmp) / f"run{run}"
             workdir.mkdir()
-            seconds = run_once(workdir, args.configfile.resolve())
-            print(f"run {run + 1}: snakemake --cores all took {seconds:.1f} s")
+            seconds.append(run_once(workdir, args.configfile.resolve()))
+            print(f"run {run + 1}: snakemake --cores all took {seconds[-1]:.1f} s")
             for board_path in sorted((workdir / "results").glob("*/leaderboard.csv")):
                 board = pd.read_csv(board_path)
                 boards.append((board_path.parent.name, run, board))
-                dice = board.set_index("method")["dice_mean"]
-                print(f"  {board_path.parent.name}: " + ", ".join(f"{m} {d:.4f}" for m, d in dice.items()))
-                if {"identity", "voxelmorph"} <= set(dice.index):
-                    print(f"  voxelmorph - identity mean Dice: {dice['voxelmorph'] - dice['identity']:+.4f}")
+                for _, row in board.iterrows():
+                    print(f"  {board_path.parent.name}: {rank_text(row):>9} {method_label(row):34s} "
+                          f"Dice {row['dice_mean']:.4f} [{row['dice_ci_low']:.4f}, {row['dice_ci_high']:.4f}] "
+                          f"seed std {row['dice_seed_std']:.4f} ({row['supervision']})")
     if args.runs > 1:
         by_dataset: dict[str, list[pd.DataFrame]] = {}
         for dataset, _, board in boards:
             by_dataset.setdefault(dataset, []).append(board)
         for dataset, runs in by_dataset.items():
-            keep = [c for c in runs[0].columns if not c.startswith(TIMING_PREFIXES)]
+            keep = [c for c in runs[0].columns if not c.startswith(TIMING_COLUMNS)]
             same = all(r[keep].equals(runs[0][keep]) for r in runs[1:])
             print(f"{dataset}: leaderboards identical apart from timings: {same}")
+    if args.readme:
+        write_readme(args.readme, figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve()))
+        print(f"wrote the figures of run 1 into {args.readme}")
 
 
 if __name__ == "__main__":

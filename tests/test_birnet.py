@@ -50,7 +50,7 @@ def test_every_reading_of_the_paper_is_a_deviation(birnet):
         assert sum(reading in d.what for d in birnet.deviations) == 1, reading
     assert len(birnet.deviations) == len(readings)
     for deviation in birnet.deviations:
-        assert deviation.changes_results and "paper" in deviation.recipes
+        assert deviation.changes_results and deviation.applies_to("paper")
         assert "unverified" in deviation.why or "template" in deviation.what, deviation.what
     # the entries state the recipes' values
     what = {reading: next(d.what for d in birnet.deviations if reading in d.what) for reading in readings}

@@ -39,6 +39,16 @@ install() {
     apt-get install -y -qq slurm-wlm munge >/dev/null
 }
 
+runs_a_daemon() {  # runs_a_daemon DIR: is any daemon that DIR's cluster started still running?
+    local name pid
+    [[ -e $1/pids ]] || return 1
+    while read -r name pid; do
+        # only a process of that name: a PID left from a cluster that died may belong to another process now
+        [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] && return 0
+    done < "$1/pids"
+    return 1
+}
+
 check_prerequisites() {
     [[ $(id -u) == 0 ]] || die "the cluster runs its daemons as root; run as root"
     local tool
@@ -55,8 +65,14 @@ start() {
     dir="$(cd "$dir" && pwd)"
     [[ ! -e $dir/pids ]] || die "$dir already holds a cluster (stop it first: $0 stop $dir)"
     [[ ! -e /etc/slurm/slurm.conf ]] || die "/etc/slurm/slurm.conf exists: commands inside a job would read it, not this cluster's"
-    if [[ -L $RUN_CONF && -e $RUN_CONF ]]; then   # a dangling link is left by a cluster gone without stop
-        die "another cluster's config is linked at $RUN_CONF (-> $(readlink "$RUN_CONF")); stop that cluster first"
+    if [[ -L $RUN_CONF && -e $RUN_CONF ]]; then
+        local other
+        other=$(readlink "$RUN_CONF")
+        runs_a_daemon "$other" \
+            && die "another cluster's config is linked at $RUN_CONF (-> $other); stop that cluster first: $0 stop $other"
+        # a cluster whose daemons are all gone (its machine restarted, or it was killed without stop)
+        echo "cluster.sh: $RUN_CONF linked a cluster none of whose daemons runs ($other); replacing the link" >&2
+        rm -f "$RUN_CONF" "$other/pids"
     fi
     [[ ! -e $RUN_CONF || -L $RUN_CONF ]] || die "$RUN_CONF exists and is not a link: another SLURM runs on this machine"
     trap 'stop "$dir" 2>/dev/null' EXIT   # a failed start stops what it started
