@@ -16,13 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from regbench.gpu_slots import DEFAULT_LOCK_DIR, acquire_gpu_slot, under_a_scheduler, visible_gpus
+
 PACKAGES = ("regbench", "torch", "numpy", "scipy", "pandas", "nibabel", "snakemake")
 
 
 def select_device(requested: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given."""
+    """``auto``: a GPU of its own when there is one (:mod:`regbench.gpu_slots`: the first visible GPU that no
+    other job of this machine holds, waiting for one if all are held; the scheduler's in a SLURM job), else
+    CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given. ``REGBENCH_GPU_LOCK_DIR`` moves the slots' lock files."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if under_a_scheduler():
+            return torch.device("cuda")
+        lock_dir = Path(os.environ.get("REGBENCH_GPU_LOCK_DIR", DEFAULT_LOCK_DIR))
+        return torch.device(f"cuda:{acquire_gpu_slot(visible_gpus(torch.cuda.device_count()), lock_dir)}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {requested!r} asked for in the config, but CUDA is not available")
     return torch.device(requested)
