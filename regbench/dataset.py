@@ -11,7 +11,10 @@ Prepared layout (``data/<id>/prepared/``), every path relative to that folder:
   and ``from_template`` displacements, voxels, ``ndim x *spatial``) and ``template``;
 - ``labels.csv``: label, name (the evaluation labels; background 0 is never one);
 - ``pairs.csv``: split, fixed, moving;
-- ``dataset.json``: id, ndim, shape, spacing (mm), and provenance.
+- ``arrays/<subject>.<column>.npy``: every volume of subjects.csv again (``image``, ``image_<contrast>``, ``seg``),
+  uncompressed so that a batch memory-maps it instead of decompressing a NIfTI: images float32, label maps the
+  smallest unsigned integer type that holds their values (the NIfTI files stay, for people and other tools);
+- ``dataset.json``: id, ndim, shape, spacing (mm), ``layout`` (:data:`LAYOUT`), and provenance.
 
 ``write_prepared`` checks these tables and writes them last, ``dataset.json`` at the very end, so
 a prepared folder with a ``dataset.json`` is complete.
@@ -28,6 +31,24 @@ from regbench.io import InputError, write_csv, write_json
 from regbench.method import same_kind  # the rule that recipe overrides follow: an int may replace a float
 
 SPLITS = ("train", "val", "test")
+#: The prepared layout's version: 2 added the memory-mappable arrays. A folder of another version is prepared again.
+LAYOUT = 2
+#: subjects.csv columns that name volumes (besides image_<contrast>)
+VOLUME_COLUMNS = ("image", "seg")
+
+
+def volume_columns(subjects: pd.DataFrame) -> list[str]:
+    """The columns of a subjects table that name volumes: image, image_<contrast>..., seg."""
+    return [c for c in subjects.columns if c in VOLUME_COLUMNS or c.startswith("image_")]
+
+
+#: the arrays' index (subject, column, file, dtype), written after them: a folder with it has every array
+ARRAY_INDEX = "arrays/index.csv"
+
+
+def array_path(subject: str, column: str) -> str:
+    """Where a subject's volume of one column lies as a .npy array, relative to the prepared folder."""
+    return f"arrays/{subject}.{column}.npy"
 
 
 class DatasetSource:
@@ -54,6 +75,11 @@ class DatasetSource:
 
     def download(self, raw_dir: Path, options: dict[str, Any]) -> None:
         """Fetch the raw files into ``raw_dir`` (nothing to do for embedded data)."""
+
+    def expected_grid(self, options: dict[str, Any]) -> dict[str, Any] | None:
+        """What the prepared folder will hold, where it is known before any download: ``ndim``, ``shape``,
+        ``spacing`` (mm), the number of ``labels`` and of ``test_pairs`` (``regbench plan``); None otherwise."""
+        return None
 
     def prepare(self, raw_dir: Path, prepared_dir: Path, options: dict[str, Any]) -> None:
         raise NotImplementedError(f"dataset {self.name!r} must implement prepare()")
@@ -102,10 +128,38 @@ def write_prepared(prepared_dir, *, name: str, ndim: int, shape, spacing, subjec
             for rel in subjects[column].dropna():
                 if not (prepared_dir / rel).exists():
                     raise ValueError(f"{prepared_dir / rel}: listed in subjects.csv but not written")
+    write_arrays(prepared_dir, subjects, int(ndim))
     write_csv(prepared_dir / "subjects.csv", subjects)
     write_csv(prepared_dir / "labels.csv", labels[["label", "name"]])
     write_csv(prepared_dir / "pairs.csv", pairs[["split", "fixed", "moving"]])
     write_json(prepared_dir / "dataset.json", {
         "id": name, "ndim": int(ndim), "shape": [int(s) for s in shape],
-        "spacing": [float(s) for s in spacing], "provenance": provenance or {},
+        "spacing": [float(s) for s in spacing], "layout": LAYOUT, "provenance": provenance or {},
     })
+
+
+def write_arrays(prepared_dir: Path, subjects: pd.DataFrame, ndim: int) -> None:
+    """Every volume of the subjects table as an uncompressed .npy (:func:`array_path`), one at a time: images
+    float32, label maps in the smallest unsigned type that holds them (uint8 for FreeSurfer's aseg)."""
+    import numpy as np
+
+    from regbench.io import atomic_path, check_same_grid, load_nifti
+
+    index = []
+    for _, row in subjects.iterrows():
+        for column in volume_columns(subjects):
+            if pd.isna(row[column]):
+                continue
+            kind = "labels" if column == "seg" else "image"
+            array, _ = load_nifti(prepared_dir / row[column], kind=kind, ndim=ndim)
+            if kind == "image":
+                check_same_grid(prepared_dir / row["seg"], prepared_dir / row[column])
+            if kind == "labels":
+                array = array.astype(np.min_scalar_type(int(array.max())))
+            path = prepared_dir / array_path(str(row["subject"]), column)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+                np.save(stream, np.ascontiguousarray(array))
+            index.append({"subject": row["subject"], "column": column, "file": array_path(str(row["subject"]), column),
+                          "dtype": str(array.dtype)})
+    write_csv(prepared_dir / ARRAY_INDEX, pd.DataFrame(index, columns=["subject", "column", "file", "dtype"]))

@@ -7,6 +7,7 @@ unpacking its archive; a prepared dataset folder (any plugin's output, or one a 
 scoring a folder of Learn2Reg displacement files; the config, checked before any job starts.
 """
 import gzip
+import json
 import re
 import shutil
 import struct
@@ -27,7 +28,7 @@ import yaml
 from archives import parcellation
 from regbench.workflow.config import ConfigError, check_config
 from regbench.data.prepared import PreparedDataset
-from regbench.dataset import write_prepared
+from regbench.dataset import write_arrays, write_prepared
 from regbench.data.download import extract_members
 from regbench.evaluation.scoring import evaluate_method
 from regbench.io import InputError, save_nifti
@@ -166,6 +167,14 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def layout_one(info: Path) -> None:
+    """The folder as preparation wrote it before the arrays: no arrays/, no layout in dataset.json."""
+    shutil.rmtree(info.parent / "arrays")
+    record = json.loads(info.read_text())
+    del record["layout"]
+    info.write_text(json.dumps(record))
+
+
 def release_listing(work):
     raw = work / "oasis_raw"
     shutil.rmtree(raw / "extracted" / FIRST)
@@ -190,6 +199,16 @@ def prepared_file(relative: str, change: Callable[[Path], object]):
         path = work / "prepared" / relative
         change(path)
         return read_prepared(work), path
+    return make
+
+
+def prepared_volume(relative: str, change: Callable[[Path], object]):
+    """A volume of the prepared folder changed, then the folder's arrays written again (preparation's last step)."""
+    def make(work):
+        path = work / "prepared" / relative
+        change(path)
+        root = work / "prepared"
+        return (lambda: write_arrays(root, pd.read_csv(root / "subjects.csv", dtype={"subject": str}), 2)), path
     return make
 
 
@@ -262,12 +281,17 @@ CASES = [
          r"member 'LPBA40/\.\./\.\./outside\.hdr' points outside the extraction folder"),
     # a prepared dataset folder
     Case("label map and image on different grids (affines differ)",
-         prepared_file("segs/n3.nii.gz", lambda p: save_nifti(p, nib.load(p).get_fdata().astype(np.int16), (1, 1),
-                                                              affine=np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4, k=3) * 2)),
+         prepared_volume("segs/n3.nii.gz", lambda p: save_nifti(p, nib.load(p).get_fdata().astype(np.int16), (1, 1),
+                                                                affine=np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4, k=3) * 2)),
          r"affine \(voxel to world\) differs from .* by up to 2 mm; they must share one grid"),
     Case("volume shape differs from dataset.json",
-         prepared_file("images/n3.nii.gz", lambda p: save_nifti(p, np.random.default_rng(1).random((16, 15)), (1, 1))),
+         prepared_file("arrays/n3.image.npy", lambda p: np.save(p, np.random.default_rng(1).random((16, 15)))),
          r"shape \(16, 15\), but dataset\.json says \(16, 16\)"),
+    Case("truncated prepared array", prepared_file("arrays/n4.seg.npy", truncate),
+         r"cannot read the array .*prepare the dataset again"),
+    Case("a folder prepared before the memory-mapped arrays",
+         prepared_file("dataset.json", layout_one),
+         r"prepared in layout 1, without the memory-mapped arrays of layout 2"),
     Case("pairs naming an unknown subject", prepared_file("pairs.csv", rewrite_table("moving", ["n9"])),
          r"subjects \['n9'\] are not in subjects\.csv"),
     Case("label 0 or a fraction in labels.csv", prepared_file("labels.csv", rewrite_table("label", [0, 1.5])),

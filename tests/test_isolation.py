@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from regbench.data.prepared import PreparedDataset
+from regbench.dataset import array_path
 from regbench.io import InputError
 from regbench.plugins import load_dataset, load_method
 from regbench.tuning.study import tune
@@ -33,6 +34,7 @@ def poisoned(tmp_path_factory):
             path = prepared / row[column]
             header = nib.load(path)
             nib.save(nib.Nifti1Image(np.full(header.shape, np.nan, np.float32), header.affine), path)
+            np.save(prepared / array_path(row["subject"], column), np.full(header.shape, np.nan, np.float32))
     return prepared
 
 
@@ -58,7 +60,7 @@ def test_training_succeeds_on_poisoned_test_data_and_registering_names_a_test_fi
     assert (out / "model.pt").exists()
     assert cli.main(["register", "--prepared", str(poisoned), "--out", str(out), "--settings", settings]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("regbench: error:") and "_test_" in error and ".nii.gz" in error, error
+    assert error.startswith("regbench: error:") and "_test_" in error and ".npy" in error, error
     assert "NaN" in error or "not finite" in error, error
     assert not (out / "pairs.csv").exists()
     shutil.rmtree(out)

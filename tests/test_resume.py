@@ -7,8 +7,10 @@ A kill leaves Snakemake's lock behind (.snakemake/locks): the rerun needs `snake
 does (README, Reliability). The phases are told by the files the jobs write, not by waiting fixed times.
 """
 import ast
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,9 @@ import pandas as pd
 import pytest
 import torch
 
+from regbench.data.prepared import PreparedDataset
 from regbench.evaluation.aggregate import TIMING_COLUMNS
+from regbench.io import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 40
@@ -221,3 +225,25 @@ def test_every_output_is_written_through_an_atomic_path():
              for folder in ("regbench", "methods", "datasets") for path in sorted((ROOT / folder).rglob("*.py"))
              for call in unguarded_writes(path.read_text())}
     assert found == NOT_ATOMIC
+
+
+def test_a_folder_prepared_before_the_arrays_is_prepared_again_not_misread(tmp_path):
+    """Layout 1 (no arrays/, no layout in dataset.json), as an earlier regbench left it: the next run rebuilds it."""
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    target = "data/embedded2d/prepared/dataset.json"   # what every later job reads: dataset.json, the arrays
+    later = "results/embedded2d/identity/seed0/pairs.csv"
+    complete(tmp_path, target)
+    prepared = tmp_path / "data" / "embedded2d" / "prepared"
+    expected = {path.name: path.read_bytes() for path in (prepared / "arrays").iterdir()}
+    shutil.rmtree(prepared / "arrays")
+    record = json.loads((prepared / "dataset.json").read_text())
+    del record["layout"]
+    (prepared / "dataset.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="prepared in layout 1, without the memory-mapped arrays of layout 2"):
+        PreparedDataset(prepared)
+    result = subprocess.run(snakemake(tmp_path, later), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"rule prepare:.*?Missing output files: data/embedded2d/prepared/arrays/index\.csv",
+                     result.stdout + result.stderr, re.S)
+    assert {path.name: path.read_bytes() for path in (prepared / "arrays").iterdir()} == expected
+    assert PreparedDataset(prepared).info["layout"] == 2

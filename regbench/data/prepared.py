@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from regbench.dataset import check_tables
-from regbench.io import InputError, check_same_grid, load_nifti, read_json
+from regbench.dataset import ARRAY_INDEX, LAYOUT, array_path, check_tables
+from regbench.io import InputError, read_json
 
 
 #: What training and tuning may read: every choice is made on these, never on the test split.
@@ -17,10 +17,13 @@ CHOOSING_SPLITS = ("train", "val")
 
 
 class PreparedDataset:
-    """A prepared dataset folder: its tables, and its volumes loaded once and kept in memory.
+    """A prepared dataset folder: its tables, and its volumes read from their memory-mapped arrays on demand.
 
-    ``splits`` limits what the object can serve: :meth:`without_test` (training, tuning) holds no test pair and
-    refuses to load a test subject, so that no choice can see the test split even by mistake.
+    Nothing is cached: a volume is read from the page cache each time it is asked for (its .npy, uncompressed),
+    so memory does not grow with the number of subjects. Each read is checked (shape, finite intensities, an
+    unsigned non-empty label map), an error naming the file. ``splits`` limits what the object can serve: :meth:`without_test`
+    (training, tuning) holds no test pair and refuses to load a test subject, so that no choice can see the test
+    split even by mistake.
     """
 
     def __init__(self, prepared_dir, splits: tuple[str, ...] | None = None):
@@ -30,6 +33,10 @@ class PreparedDataset:
             raise InputError(f"{info_path}: not found; the dataset was not prepared (or its preparation was interrupted)")
         self.info = read_json(info_path)
         self.ndim, self.shape, self.spacing = _check_info(info_path, self.info)
+        if self.info.get("layout", 1) != LAYOUT or not (self.root / ARRAY_INDEX).exists():
+            raise InputError(f"{info_path}: prepared in layout {self.info.get('layout', 1)}, without the "
+                             f"memory-mapped arrays of layout {LAYOUT}: prepare the dataset again (`snakemake` does, "
+                             f"its prepare step rebuilds the folder)")
         subjects = _read_table(self.root / "subjects.csv", ["subject", "split", "image", "seg"])
         self.labels = _read_table(self.root / "labels.csv", ["label", "name"])
         self.pairs = _read_table(self.root / "pairs.csv", ["split", "fixed", "moving"])
@@ -80,20 +87,35 @@ class PreparedDataset:
             raise InputError(f"{self.root / 'subjects.csv'}: subject {subject} is in the {self.hidden[subject]} "
                              f"split, out of reach of training and tuning (this view holds {', '.join(self.splits)})")
 
-    @functools.lru_cache(maxsize=None)
     def image(self, subject: str, contrast: str | None = None) -> np.ndarray:
+        """A subject's image (``image``, or ``image_<contrast>``), float32, read from its array."""
         self._check_subject(subject)
         column = "image" if contrast is None else f"image_{contrast}"
-        array, _ = load_nifti(self.root / self.subjects.at[subject, column], kind="image", ndim=self.ndim)
-        self._check_shape(subject, column, array)
-        check_same_grid(self.root / self.subjects.at[subject, "seg"], self.root / self.subjects.at[subject, column])
+        array = self._array(subject, column)
+        # one pass: a NaN or an infinity makes the sum non-finite (blank images were refused when it was written)
+        if array.dtype != np.float32 or not np.isfinite(array.sum()):
+            raise InputError(f"{self.root / array_path(subject, column)}: the image is not finite float32 "
+                             "(prepare the dataset again)")
         return array
 
-    @functools.lru_cache(maxsize=None)
-    def seg(self, subject: str) -> np.ndarray:
+    def seg(self, subject: str, dtype=np.int64) -> np.ndarray:
+        """A subject's label map, as ``dtype`` (int64 for the metrics; a batch keeps the stored unsigned type)."""
         self._check_subject(subject)
-        array, _ = load_nifti(self.root / self.subjects.at[subject, "seg"], kind="labels", ndim=self.ndim)
-        self._check_shape(subject, "seg", array)
+        array = self._array(subject, "seg")
+        if not np.issubdtype(array.dtype, np.unsignedinteger) or not array.any():
+            raise InputError(f"{self.root / array_path(subject, 'seg')}: not a label map (unsigned integers, some "
+                             "non-zero); prepare the dataset again")
+        return array.astype(dtype, copy=False) if dtype is not None else array
+
+    def _array(self, subject: str, column: str) -> np.ndarray:
+        """The array of a subject's volume, read from its uncompressed .npy (from the page cache once it is warm)."""
+        path = self.root / array_path(subject, column)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise InputError(f"{path}: cannot read the array ({type(err).__name__}: {err}); prepare the dataset "
+                             "again") from None
+        self._check_shape(subject, column, array, path)
         return array
 
     def has_ground_truth(self, fixed: str, moving: str) -> bool:
@@ -126,25 +148,43 @@ class PreparedDataset:
         except (OSError, KeyError, ValueError) as err:
             raise InputError(f"{path}: cannot read the ground-truth transform ({err})") from None
 
-    def pair(self, fixed: str, moving: str, contrast: str | None = None) -> dict[str, torch.Tensor]:
-        """One pair as a batch of size 1 (see :mod:`regbench.method` for the keys)."""
+    def pair(self, fixed: str, moving: str, contrast: str | None = None,
+             compact: bool = False) -> dict[str, torch.Tensor]:
+        """One pair as a batch of size 1 (see :mod:`regbench.method` for the keys). ``compact``: label maps in the
+        stored type (uint8, else int32) rather than int64, for batches that cross to the device before
+        :func:`to_device` makes them int64."""
+        seg_type = None if compact else np.int64
         batch = {
             "fixed": torch.from_numpy(self.image(fixed))[None, None],
             "moving": torch.from_numpy(self.image(moving, contrast))[None, None],
-            "fixed_seg": torch.from_numpy(self.seg(fixed))[None, None],
-            "moving_seg": torch.from_numpy(self.seg(moving))[None, None],
+            "fixed_seg": torch.from_numpy(_torch_friendly(self.seg(fixed, seg_type)))[None, None],
+            "moving_seg": torch.from_numpy(_torch_friendly(self.seg(moving, seg_type)))[None, None],
             "labels": torch.from_numpy(self.label_values),
         }
         return batch
 
-    def _check_shape(self, subject, column, array):
+    def _check_shape(self, subject, column, array, path=None):
         if tuple(array.shape) != self.shape:
-            raise InputError(f"{self.root / self.subjects.at[subject, column]}: shape {array.shape}, "
+            raise InputError(f"{path or self.root / self.subjects.at[subject, column]}: shape {array.shape}, "
                              f"but dataset.json says {self.shape}")
 
 
+def _torch_friendly(labels: np.ndarray) -> np.ndarray:
+    """uint8 and int64 pass; wider unsigned label maps become int32 (torch has no arithmetic on uint16/uint32)."""
+    return labels if labels.dtype in (np.uint8, np.int64) else labels.astype(np.int32)
+
+
+def to_device(batch: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """A batch on ``device`` in the working types: label maps (``*_seg``, ``labels``) int64, the rest as they are."""
+    moved = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=non_blocking)
+        moved[key] = value.long() if (key.endswith("_seg") or key == "labels") and value.dtype != torch.int64 else value
+    return moved
+
+
 def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, seed: int,
-                   contrast: str | None = None) -> dict[str, torch.Tensor]:
+                   contrast: str | None = None, compact: bool = False) -> dict[str, torch.Tensor]:
     """The batch of a training iteration: random ordered pairs of distinct training subjects.
 
     ``contrast``: the moving images' contrast (an ``image_<contrast>`` column; None: ``image``).
@@ -156,11 +196,13 @@ def training_batch(dataset: PreparedDataset, iteration: int, batch_size: int, se
         raise InputError(f"{dataset.root / 'subjects.csv'}: fewer than two training subjects")
     rng = np.random.default_rng([seed, iteration])
     pairs = [rng.choice(len(subjects), size=2, replace=False) for _ in range(batch_size)]
-    return stack_pairs([dataset.pair(subjects[f], subjects[m], contrast) for f, m in pairs])
+    return stack_pairs([dataset.pair(subjects[f], subjects[m], contrast, compact) for f, m in pairs])
 
 
 def stack_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One batch from pairs of batch size 1 (:meth:`PreparedDataset.pair`): tensors concatenated, ``labels`` once."""
+    if len(items) == 1:   # a pair is already a batch of one: no copy of its volumes
+        return dict(items[0])
     batch = {key: torch.cat([item[key] for item in items]) for key in items[0] if key != "labels"}
     batch["labels"] = items[0]["labels"]
     return batch

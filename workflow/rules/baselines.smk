@@ -10,6 +10,7 @@ rule syn_supervision:
     """SyN displacements for a fixed, seeded list of ordered training pairs (regbench/training/supervision.py)."""
     input:
         info=rules.prepare.output.info,
+        arrays=rules.prepare.output.arrays,
     output:
         index=f"{RESULTS}/{{dataset}}/syn_supervision/index.csv",
         summary=f"{RESULTS}/{{dataset}}/syn_supervision/supervision.json",

@@ -5,6 +5,8 @@ rule prepare:
         labels=f"{DATA}/{{dataset}}/prepared/labels.csv",
         pairs=f"{DATA}/{{dataset}}/prepared/pairs.csv",
         info=f"{DATA}/{{dataset}}/prepared/dataset.json",
+        # the memory-mapped volumes (layout 2): a folder prepared before them lacks this file and is rebuilt
+        arrays=f"{DATA}/{{dataset}}/prepared/arrays/index.csv",
     params:
         settings=settings_json,
         raw=f"{DATA}/{{dataset}}/raw",

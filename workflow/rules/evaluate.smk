@@ -2,6 +2,7 @@ rule register:
     """Register every test pair with one run of a method and score it (one row a pair, one row a pair x label)."""
     input:
         info=rules.prepare.output.info,
+        arrays=rules.prepare.output.arrays,
         model=trained_model,
     output:
         pairs=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/pairs.csv",

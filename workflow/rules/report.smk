@@ -11,6 +11,7 @@ rule report_dataset:
     input:
         board=f"{RESULTS}/{{dataset}}/leaderboard.csv",
         info=rules.prepare.output.info,
+        arrays=rules.prepare.output.arrays,
         labels=run_files("labels.csv"),
         models=[f"{RESULTS}/{{dataset}}/{m}/seed{s}/model.pt" for m in METHODS if is_trainable(m) for s in SEEDS[m]],
     output:

@@ -2,6 +2,7 @@ rule train:
     """Train one method with its recipe and one seed on one dataset's training split (a GPU job on a cluster)."""
     input:
         info=rules.prepare.output.info,
+        arrays=rules.prepare.output.arrays,
         supervision=syn_supervision,
     output:
         model=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/model.pt",

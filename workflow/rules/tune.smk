@@ -8,6 +8,7 @@ rule tune_method:
     """Tune one method on one dataset's val split (Optuna, a journal beside the outputs: a killed tuning resumes)."""
     input:
         info=rules.prepare.output.info,
+        arrays=rules.prepare.output.arrays,
         supervision=syn_supervision,
     output:
         choice=f"{RESULTS}/tuning/{{dataset}}/{{method}}/choice.json",
