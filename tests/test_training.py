@@ -1,4 +1,6 @@
-"""The training loop: resumes to identical weights, trains stages with earlier ones frozen, stops on NaN."""
+"""The training loop: resumes to identical weights, trains stages with earlier ones frozen, stops on NaN; its
+batches come from a DataLoader that serves what the loop alone would."""
+import functools
 import json
 
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from regbench.data.prepared import PreparedDataset
+from regbench.data.loader import batch_loader, worker_count
+from regbench.data.prepared import PreparedDataset, to_device, training_batch
 from regbench.dataset import write_prepared
 from regbench.io import save_nifti
 from regbench.blocks.losses import mse
@@ -168,3 +171,42 @@ def test_a_stage_decays_its_rate_at_its_milestones(tiny_dataset, tmp_path):
     # after its milestone the first stage's rate is 0: its weights stay those of a two-step stage
     torch.testing.assert_close(decayed.snapshots[1]["first.weight"], short.snapshots[1]["first.weight"])
     assert not torch.equal(decayed.snapshots[0]["first.weight"], decayed.snapshots[1]["first.weight"])
+
+
+# ------------------------------------------------------------------ batches from the DataLoader
+
+
+def test_the_loader_s_workers_serve_the_loop_s_batches_in_order(tiny_dataset):
+    make_batch = functools.partial(training_batch, tiny_dataset, compact=True)
+    for workers in (0, 2):
+        loaded = list(batch_loader(make_batch, range(3, 8), batch_size=2, seed=5, workers=workers))
+        assert len(loaded) == 5
+        for iteration, batch in zip(range(3, 8), loaded):
+            assert batch["fixed_seg"].dtype == torch.uint8   # stored type until it reaches the device
+            on_device = to_device(batch, "cpu")
+            expected = training_batch(tiny_dataset, iteration, 2, 5)
+            assert on_device.keys() == expected.keys()
+            for key, value in expected.items():
+                assert on_device[key].dtype == value.dtype and torch.equal(on_device[key], value), (workers, key)
+
+
+def test_the_loader_leaves_torch_s_random_stream_alone(tiny_dataset):
+    # a DataLoader draws its workers' seed: from torch's global generator it would shift a training's random
+    # augmentation, and differently in a resumed run
+    make_batch = functools.partial(training_batch, tiny_dataset, compact=True)
+    state = torch.get_rng_state()
+    for workers in (0, 2):
+        list(batch_loader(make_batch, range(4), batch_size=1, seed=0, workers=workers))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_with_loader_workers_ends_with_the_weights_of_training_without(tiny_dataset, tmp_path):
+    method = TwoStages()
+    recipe = method.recipe("quick")
+    weights = []
+    for workers in (0, 2):
+        summary = train(method, recipe, tiny_dataset, tmp_path / f"w{workers}", seed=3, data_workers=workers)
+        assert summary["data_workers"] == workers
+        weights.append(torch.load(tmp_path / f"w{workers}" / "model.pt", weights_only=False)["net"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert worker_count("auto", torch.device("cpu")) == 0 and worker_count("auto", torch.device("cuda")) == 4

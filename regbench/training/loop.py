@@ -3,8 +3,8 @@
 The method supplies the network and its named loss terms; the loop sums ``weight * value``, steps
 Adam, logs every term to ``train_log.csv``, checkpoints every ``checkpoint_every`` iterations and
 resumes from the last checkpoint when rerun. Pairs depend only on (seed, iteration)
-(:func:`regbench.data.prepared.training_batch`), and the RNG state is checkpointed, so a resumed run on CPU
-ends with the weights of an uninterrupted one.
+(:func:`regbench.data.prepared.training_batch`, read ahead by a DataLoader's workers), and the RNG state is
+checkpointed, so a resumed run on CPU ends with the weights of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from regbench.data.prepared import PreparedDataset
+from regbench.data.loader import batch_loader, worker_count
+from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import atomic_path, write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import (autocast, peak_memory_mb, reset_peak_memory, seed_everything, synchronize,
@@ -33,13 +34,15 @@ class TrainingDiverged(RuntimeError):
 
 def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
           *, seed: int = 0, device: str | torch.device = "cpu", provenance: dict | None = None,
-          progress: bool = False, mixed_precision: bool = False, supervision_folder=None) -> dict[str, Any]:
+          progress: bool = False, mixed_precision: bool = False, supervision_folder=None,
+          data_workers: int | str = "auto") -> dict[str, Any]:
     """Train ``method`` with ``recipe`` on the training split; write model.pt, train_log.csv, train.json.
 
     train.json records the wall-clock training time and the median time per optimiser step (both
     synchronised with the GPU), the peak memory (:func:`regbench.runtime.peak_memory_mb`) and the
     precision used (``mixed_precision`` applies on CUDA to methods that allow it). A method with a working grid
     (``RegistrationMethod.working_grid``) trains on batches resampled onto it; train.json records the grid.
+    Batches come from a DataLoader with ``data_workers`` processes (:func:`regbench.data.loader.worker_count`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,9 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
                         "elapsed_s": elapsed, "recipe": recipe, "seed": seed}, tmp)
 
     net.train()
+    pin, workers = device.type == "cuda", worker_count(data_workers, device)
+    batches = iter(batch_loader(next_batch, range(start, iterations), int(recipe["batch_size"]), seed,
+                                workers=workers, pin_memory=pin))
     bar = _progress(range(start, iterations), progress, method.name)
     started = time.perf_counter() - elapsed
     step_times = []
@@ -103,8 +109,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
             optimiser = begin(current)
         step_in_stage = iteration - (ends[current] - stages[current].iterations)
         _set_learning_rate(optimiser, stages[current], recipe, step_in_stage)
-        batch = next_batch(iteration, int(recipe["batch_size"]), seed)
-        batch = adapter.batch({k: v.to(device) for k, v in batch.items()})
+        batch = adapter.batch(to_device(next(batches), device, non_blocking=pin))
         with autocast(device, precision):
             terms = method.loss_terms(net, batch, recipe)
             total = sum(weight * value.float() for weight, value in terms.values())
@@ -141,7 +146,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         "resumed_from": start,  # 0, or the iteration of the checkpoint this run went on from
         "step_time_s": statistics.median(step_times) if step_times else math.nan,
         "peak_mem_mb": peak_memory_mb(device), "precision": precision,
-        "parameters": parameter_count(net), "device": str(device), "seed": seed, "recipe": recipe, **adapter.record(),
+        "parameters": parameter_count(net), "device": str(device), "data_workers": workers, "seed": seed, "recipe": recipe, **adapter.record(),
         "final_loss": log_rows[-1]["loss"] if log_rows else math.nan,
         "provenance": provenance or {},
     }

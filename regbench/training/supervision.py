@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import logging
 import multiprocessing
@@ -105,13 +106,15 @@ class Supervision:
 
 
 def supervised_batch(dataset, supervision: Supervision, iteration: int, batch_size: int, seed: int,
-                     n_pairs: int | None = None, contrast: str | None = None) -> dict[str, torch.Tensor]:
+                     n_pairs: int | None = None, contrast: str | None = None,
+                     compact: bool = False) -> dict[str, torch.Tensor]:
     """A training batch of supervised pairs: :func:`regbench.data.prepared.training_batch`'s keys plus
     ``supervision`` (``B x ndim x *spatial``, the SyN displacement of each pair).
 
     Pairs are drawn uniformly from the first ``n_pairs`` rows of the list (all rows if None), by a
     generator seeded with ``(seed, iteration)``: a resumed run sees the pairs an uninterrupted one sees.
-    ``contrast``: the moving images' contrast, as in :func:`regbench.data.prepared.training_batch`.
+    ``contrast``, ``compact``: the moving images' contrast and the label maps' type, as in
+    :func:`regbench.data.prepared.training_batch`.
     """
     from regbench.data.prepared import stack_pairs
 
@@ -122,7 +125,7 @@ def supervised_batch(dataset, supervision: Supervision, iteration: int, batch_si
     rows = rng.integers(available, size=batch_size).tolist()
     items = []
     for row in rows:
-        item = dataset.pair(supervision.pairs.at[row, "fixed"], supervision.pairs.at[row, "moving"], contrast)
+        item = dataset.pair(supervision.pairs.at[row, "fixed"], supervision.pairs.at[row, "moving"], contrast, compact)
         item["supervision"] = supervision.displacement(row, dataset.shape)
         items.append(item)
     return stack_pairs(items)
@@ -146,15 +149,16 @@ def training_batches(method, dataset, out_dir, recipe: dict[str, Any], supervisi
     from regbench.data.prepared import training_batch
 
     contrast = dataset.moving_contrast(method)  # both kinds of batch serve the method's moving contrast
+    # partials, not closures: a DataLoader's worker processes receive them (regbench.data.loader); label maps
+    # stay in their stored type until they reach the device
     if not getattr(method, "needs_supervision", False):
-        return lambda iteration, batch_size, seed: training_batch(dataset, iteration, batch_size, seed, contrast)
+        return functools.partial(training_batch, dataset, contrast=contrast, compact=True)
     supervision = Supervision(supervision_folder or supervision_dir(out_dir), dataset.shape)
     n_pairs = recipe.get("supervision_pairs")
     if n_pairs is not None and len(supervision) < int(n_pairs):
         raise InputError(f"{supervision.folder / 'index.csv'}: {len(supervision)} supervised pairs, but method "
                          f"{method.name!r} asks for {n_pairs} (recipe key supervision_pairs); rerun rule syn_supervision")
-    return lambda iteration, batch_size, seed: supervised_batch(dataset, supervision, iteration, batch_size, seed,
-                                                                n_pairs, contrast)
+    return functools.partial(supervised_batch, dataset, supervision, n_pairs=n_pairs, contrast=contrast, compact=True)
 
 
 # --------------------------------------------------------------------------------------------- computing

@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "torch_threads": 2,
     "mixed_precision": False,
+    # processes reading training batches ahead (regbench.data.loader): auto = 4 on CUDA, 0 on CPU
+    "data_workers": "auto",
     "on_failure": "stop",
     "recipe": "quick",
     "evaluation": {"label_warp": "nearest", "runtime_repeats": 3, "export_displacements": False},
@@ -169,6 +171,7 @@ def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None 
         "device": config["device"],
         "torch_threads": config["torch_threads"],
         "mixed_precision": config["mixed_precision"],
+        "data_workers": config["data_workers"],
         "on_failure": config["on_failure"],
         "evaluation": config["evaluation"],
     }
