@@ -57,6 +57,12 @@ class NeuriteOasis(DatasetSource):
             "expected_subjects": 414,        # a release with another count stops with an error
         }
 
+    def expected_grid(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The neurite release's grid (1 mm), its label set's size and Learn2Reg's test pairs, before downloading."""
+        labels = int(re.sub(r"\D", "", options["labels"]))   # seg35: 35 labels
+        return {"ndim": self.ndim, "shape": self.variant["shape"], "spacing": (1.0,) * self.ndim, "labels": labels,
+                "test_pairs": len(TEST_PAIRS)}
+
     def archive_path(self, raw_dir: Path) -> Path:
         return Path(raw_dir) / self.variant["archive"]
 

@@ -57,7 +57,8 @@ def cmd_train(args) -> None:
     try:
         summary = train(method, settings["recipe"], dataset, args.out, seed=settings["seed"], device=device,
                         provenance=provenance(settings, device), progress=True,
-                        mixed_precision=settings.get("mixed_precision", False), supervision_folder=args.supervision)
+                        mixed_precision=settings.get("mixed_precision", False), supervision_folder=args.supervision,
+                        data_workers=settings.get("data_workers", "auto"))
     except Exception as err:
         if settings.get("on_failure", "stop") != "skip":
             raise
@@ -282,6 +283,30 @@ def cmd_list(args) -> None:
             print(f"{dataset_id:20s} {plugins.load_dataset(dataset_id).description}")
 
 
+def cmd_plan(args) -> None:
+    import yaml
+
+    from regbench import plugins
+    from regbench.io import write_csv
+    from regbench.runtime import configure_threads, select_device
+    from regbench.workflow.config import check_config
+    from regbench.workflow.plan import plan, summary
+
+    root = plugins.project_root()
+    configfile = Path(args.configfile or root / "config" / "config.yaml")
+    try:
+        raw = yaml.safe_load(configfile.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"{configfile}: cannot read the config ({err})") from None
+    config = check_config(raw, source=str(configfile), schema=root / "config" / "schema.yaml",
+                          config_dir=configfile.resolve().parent)
+    configure_threads(config["torch_threads"])
+    table = plan(config, select_device(config["device"]), steps=args.steps)
+    print(summary(table))
+    if args.csv:
+        write_csv(args.csv, table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -341,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True)
     p.add_argument("--methods", required=True, help='JSON: {"dataset": ["method", ...]}')
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("plan", help="estimate a config's hours of training, tuning and registration on this "
+                                         "machine's device (a short calibration per method)")
+    p.add_argument("--configfile", help="the config (default: config/config.yaml)")
+    p.add_argument("--steps", type=int, default=3, help="calibration steps per method, after one warm-up")
+    p.add_argument("--csv", help="also write the table here")
+    p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("list", help="list the method or dataset plugins")
     p.add_argument("what", choices=["methods", "datasets"])
