@@ -11,7 +11,6 @@ commit and the wall time that produced it: the README's numbers are always a run
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from regbench.evaluation.aggregate import TIMING_COLUMNS, method_label, rank_text
+from readme_figures import write_between_markers
 from regbench.runtime import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- default-run -->", "<!-- /default-run -->"
 
 
 def run_once(workdir: Path, configfile: Path) -> float:
@@ -53,14 +52,6 @@ def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: 
                  f"{seeds} seeds, {int(board['n_pairs'].max())} test pairs): {seconds / 60:.1f} min of wall time on "
                  f"this machine's CPU, from nothing. Training time: mean over the seeds, one thread.")
     return "\n".join(lines)
-
-
-def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no {START} ... {END} block to write the figures into")
-    readme.write_text(pattern.sub(lambda _: f"{START}\n{table}\n{END}", text))
 
 
 def main() -> None:
@@ -93,7 +84,8 @@ def main() -> None:
             same = all(r[keep].equals(runs[0][keep]) for r in runs[1:])
             print(f"{dataset}: leaderboards identical apart from timings: {same}")
     if args.readme:
-        write_readme(args.readme, figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve()))
+        write_between_markers(args.readme, "default-run",
+                              figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve()))
         print(f"wrote the figures of run 1 into {args.readme}")
 
 
