@@ -15,11 +15,17 @@ def default_config():
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
+CONFIG_DIR = ROOT / "config"   # lock files of tuned values are named relative to the config's folder
+
+
 def test_default_config_resolves():
-    config = check_config(default_config())
+    config = check_config(default_config(), config_dir=CONFIG_DIR)
     settings = job_settings(config, "embedded2d", "voxelmorph")
     assert settings["recipe_name"] == "quick"
     assert settings["recipe"]["iterations"] > 0
+    # the default run trains with the values its lock file chose on val
+    assert settings["tuned"]["file"] == "tuned/embedded2d.yaml"
+    assert all(settings["recipe"][key] == value for key, value in settings["tuned"]["values"].items())
 
 
 SHIPPED_CONFIGS = sorted(p for p in (ROOT / "config").glob("*.yaml") if p.name != "schema.yaml")
@@ -31,7 +37,7 @@ def test_every_shipped_config_passes_the_schema_and_resolves(path):
 
     config = yaml.safe_load(path.read_text())
     validate(config, str(ROOT / "config" / "schema.yaml"))
-    resolved = check_config(config, str(path))
+    resolved = check_config(config, str(path), config_dir=CONFIG_DIR)
     for dataset_id in resolved["datasets"]:
         for method_id in resolved["methods"]:
             settings = job_settings(resolved, dataset_id, method_id)
@@ -50,7 +56,7 @@ def test_bad_names_and_values_are_named(change, message):
     config = default_config()
     change(config)
     with pytest.raises(ConfigError, match=message):
-        check_config(config)
+        check_config(config, config_dir=CONFIG_DIR)
 
 
 @pytest.mark.parametrize("text, message", [
