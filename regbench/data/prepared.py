@@ -17,11 +17,11 @@ CHOOSING_SPLITS = ("train", "val")
 
 
 class PreparedDataset:
-    """A prepared dataset folder: its tables, and its volumes read from their memory-mapped arrays on demand.
+    """A prepared dataset folder: its tables, and its volumes read from their uncompressed arrays on demand.
 
-    Nothing is cached: a volume is read from the page cache each time it is asked for (its .npy, uncompressed),
-    so memory does not grow with the number of subjects. Each read is checked (shape, finite intensities, an
-    unsigned non-empty label map), an error naming the file. ``splits`` limits what the object can serve: :meth:`without_test`
+    Nothing is cached: a volume is read from the page cache each time it is asked for (its .npy), so memory does
+    not grow with the number of subjects. Each read is checked (shape, finite intensities, an unsigned non-empty
+    label map), an error naming the file. ``splits`` limits what the object can serve: :meth:`without_test`
     (training, tuning) holds no test pair and refuses to load a test subject, so that no choice can see the test
     split even by mistake.
     """
