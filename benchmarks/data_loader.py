@@ -1,7 +1,7 @@
 """The training data path at OASIS size: loader throughput and training's peak memory for 10 and 100 subjects.
 
 Builds a fake prepared dataset of 100 OASIS-size subjects (160 x 192 x 224 float32 images, 35-label maps, the
-prepared layout with its memory-mapped arrays; uncompressed NIfTI beside them), then prints
+prepared layout with its uncompressed arrays; uncompressed NIfTI beside them), then prints
 
 - the loader's pairs per second (``regbench.data.loader.batch_loader`` at batch 1, from the page cache, after
   a read of every training volume that warms it), with 0 and with 2 worker processes;

@@ -12,7 +12,7 @@ Prepared layout (``data/<id>/prepared/``), every path relative to that folder:
 - ``labels.csv``: label, name (the evaluation labels; background 0 is never one);
 - ``pairs.csv``: split, fixed, moving;
 - ``arrays/<subject>.<column>.npy``: every volume of subjects.csv again (``image``, ``image_<contrast>``, ``seg``),
-  uncompressed so that a batch memory-maps it instead of decompressing a NIfTI: images float32, label maps the
+  uncompressed so that a batch reads it (np.load) instead of decompressing a NIfTI: images float32, label maps the
   smallest unsigned integer type that holds their values (the NIfTI files stay, for people and other tools);
 - ``dataset.json``: id, ndim, shape, spacing (mm), ``layout`` (:data:`LAYOUT`), and provenance.
 
@@ -31,7 +31,7 @@ from regbench.io import InputError, write_csv, write_json
 from regbench.method import same_kind  # the rule that recipe overrides follow: an int may replace a float
 
 SPLITS = ("train", "val", "test")
-#: The prepared layout's version: 2 added the memory-mappable arrays. A folder of another version is prepared again.
+#: The prepared layout's version: 2 added the uncompressed arrays. A folder of another version is prepared again.
 LAYOUT = 2
 #: subjects.csv columns that name volumes (besides image_<contrast>)
 VOLUME_COLUMNS = ("image", "seg")

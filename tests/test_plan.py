@@ -1,15 +1,23 @@
 """`regbench plan`: a config's cost from a short calibration, before the run."""
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
+import torch
 import yaml
+from torch import nn
 
+from regbench import RegistrationMethod
+from regbench.blocks.spatial import warp
 from regbench.data.prepared import PreparedDataset
 from regbench.io import InputError
-from regbench.plugins import load_dataset
+from regbench.method import TrainingStage
+from regbench.plugins import load_dataset, load_method
+from regbench.training.loop import train
 from regbench.workflow import cli
-from regbench.workflow.plan import dataset_grid
+from regbench.workflow.plan import calibrate, dataset_grid
 
 ITERATIONS = 7
 
@@ -63,3 +71,52 @@ def test_an_unprepared_dataset_plans_from_its_plugin_s_grid_or_says_to_prepare_i
     assert "lpba40/prepared/dataset.json: not prepared" in error and "prepare it first" in error
     with pytest.raises(InputError, match="cannot say its grid before preparation"):
         dataset_grid({"data_dir": str(tmp_path), "datasets": {"lpba40": {}}}, "lpba40")
+
+
+class SlowSecondStage(RegistrationMethod):
+    """Two stages; a step of the second one sleeps 30 ms, a step of the first does not."""
+    name = "slow_second_stage"
+    recipes = {"quick": {"iterations": 0, "batch_size": 1, "lr": 1e-3, "first": 1, "second": 3}}
+
+    def build(self, ndim, recipe):
+        net = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+        net.slow = False
+        return net
+
+    def training_stages(self, net, recipe):
+        return [TrainingStage("first", recipe["first"], list(net[0].parameters())),
+                TrainingStage("second", recipe["second"], list(net[1].parameters()))]
+
+    def start_stage(self, net, index, recipe):
+        net.slow = index == 1
+
+    def loss_terms(self, net, batch, recipe):
+        if net.slow:
+            time.sleep(0.03)
+        u = net(torch.cat([batch["moving"], batch["fixed"]], 1))
+        return {"similarity": (1.0, ((warp(batch["moving"], u) - batch["fixed"]) ** 2).mean())}
+
+    def register(self, net, fixed, moving, recipe):
+        return net(torch.cat([moving, fixed], 1))
+
+
+def test_calibration_times_every_stage_and_weights_it_by_its_steps():
+    grid = {"ndim": 2, "shape": (16, 16), "spacing": (1.0, 1.0), "labels": 2, "test_pairs": 1}
+    method = SlowSecondStage()
+    cost = calibrate(method, method.recipe("quick"), grid, torch.device("cpu"), steps=2)
+    assert cost["steps"] == 4
+    # 3 of the 4 steps sleep 30 ms: at least 22.5 ms a step on average, and not the first stage's few ms alone
+    assert 0.0225 <= cost["step_s"] < 0.0225 + 0.02
+
+
+def test_calibration_agrees_with_the_training_loop_s_own_step_time(data_dir, tmp_path):
+    data, _ = data_dir
+    dataset = PreparedDataset(data / "embedded2d" / "prepared").without_test()
+    method = load_method("voxelmorph")
+    recipe = {**method.recipe("quick"), "iterations": 12, "working_size": 64, "checkpoint_every": 100}
+    grid = dataset_grid({"data_dir": str(data), "datasets": {"embedded2d": {}}}, "embedded2d")
+    torch.set_num_threads(1)
+    trained = train(method, recipe, dataset, tmp_path / "vxm")
+    cost = calibrate(method, recipe, grid, torch.device("cpu"), steps=5)
+    # the same step on the same grid: within a factor of 2 of what training measured (its median)
+    assert 0.5 < cost["step_s"] / trained["step_time_s"] < 2.0

@@ -239,7 +239,7 @@ def test_a_folder_prepared_before_the_arrays_is_prepared_again_not_misread(tmp_p
     record = json.loads((prepared / "dataset.json").read_text())
     del record["layout"]
     (prepared / "dataset.json").write_text(json.dumps(record))
-    with pytest.raises(InputError, match="prepared in layout 1, without the memory-mapped arrays of layout 2"):
+    with pytest.raises(InputError, match="prepared in layout 1, without the uncompressed arrays of layout 2"):
         PreparedDataset(prepared)
     result = subprocess.run(snakemake(tmp_path, later), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

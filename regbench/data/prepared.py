@@ -35,7 +35,7 @@ class PreparedDataset:
         self.ndim, self.shape, self.spacing = _check_info(info_path, self.info)
         if self.info.get("layout", 1) != LAYOUT or not (self.root / ARRAY_INDEX).exists():
             raise InputError(f"{info_path}: prepared in layout {self.info.get('layout', 1)}, without the "
-                             f"memory-mapped arrays of layout {LAYOUT}: prepare the dataset again (`snakemake` does, "
+                             f"uncompressed arrays of layout {LAYOUT}: prepare the dataset again (`snakemake` does, "
                              f"its prepare step rebuilds the folder)")
         subjects = _read_table(self.root / "subjects.csv", ["subject", "split", "image", "seg"])
         self.labels = _read_table(self.root / "labels.csv", ["label", "name"])

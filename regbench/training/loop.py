@@ -32,6 +32,28 @@ class TrainingDiverged(RuntimeError):
     """A loss term became NaN or infinite."""
 
 
+def weighted_loss(method: RegistrationMethod, net: torch.nn.Module, batch: dict, recipe: dict[str, Any],
+                  device: torch.device, precision: str = "fp32") -> tuple[dict, torch.Tensor]:
+    """The method's named loss terms on ``batch`` (``{name: (weight, value)}``) and ``sum(weight * value)``
+    in float32, under the training precision's autocast."""
+    with autocast(device, precision):
+        terms = method.loss_terms(net, batch, recipe)
+        total = sum(weight * value.float() for weight, value in terms.values())
+    return terms, total
+
+
+def optimiser_step(total: torch.Tensor, optimiser: torch.optim.Optimizer, scaler=None) -> None:
+    """Back-propagate ``total`` and step (through the gradient scaler in fp16)."""
+    optimiser.zero_grad(set_to_none=True)
+    if scaler is None:
+        total.backward()
+        optimiser.step()
+    else:
+        scaler.scale(total).backward()
+        scaler.step(optimiser)
+        scaler.update()
+
+
 def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
           *, seed: int = 0, device: str | torch.device = "cpu", provenance: dict | None = None,
           progress: bool = False, mixed_precision: bool = False, supervision_folder=None,
@@ -110,23 +132,14 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         step_in_stage = iteration - (ends[current] - stages[current].iterations)
         _set_learning_rate(optimiser, stages[current], recipe, step_in_stage)
         batch = adapter.batch(to_device(next(batches), device, non_blocking=pin))
-        with autocast(device, precision):
-            terms = method.loss_terms(net, batch, recipe)
-            total = sum(weight * value.float() for weight, value in terms.values())
+        terms, total = weighted_loss(method, net, batch, recipe, device, precision)
         for name, (weight, value) in terms.items():
             if not torch.isfinite(value).all():
                 kept = (f"the last good checkpoint is kept at {checkpoint_path}" if checkpoint_path.exists()
                         else "no checkpoint was written before it")
                 raise TrainingDiverged(f"{method.name}: loss term {name!r} is {value.item()} at iteration {iteration}; "
                                        + kept)
-        optimiser.zero_grad(set_to_none=True)
-        if scaler is None:
-            total.backward()
-            optimiser.step()
-        else:
-            scaler.scale(total).backward()
-            scaler.step(optimiser)
-            scaler.update()
+        optimiser_step(total, optimiser, scaler)
         synchronize(device)
         step_times.append(time.perf_counter() - step_start)
         if iteration % log_every == 0 or iteration == iterations - 1:

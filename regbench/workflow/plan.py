@@ -10,6 +10,7 @@ download (``DatasetSource.expected_grid``).
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from regbench import plugins
 from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import InputError
-from regbench.runtime import synchronize
+from regbench.runtime import synchronize, training_precision
+from regbench.training.loop import optimiser_step, weighted_loss
 from regbench.workflow.config import job_settings
 
 
@@ -53,26 +55,39 @@ def synthetic_batch(grid: dict[str, Any], batch_size: int, supervised: bool) -> 
     return batch
 
 
-def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torch.device,
-              steps: int = 3) -> dict[str, float]:
-    """Seconds per training step (median of ``steps`` after a warm-up) and per registration, and the steps."""
+def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torch.device, steps: int = 3,
+              mixed_precision: bool = False) -> dict[str, float]:
+    """Seconds per training step and per registration, and the steps of the recipe.
+
+    Every training stage is timed with the training loop's own step (:func:`regbench.training.loop.weighted_loss`,
+    :func:`~regbench.training.loop.optimiser_step`, the same precision): the median of ``steps`` after a warm-up,
+    on that stage's parameters; ``step_s`` is the mean over the recipe's steps, weighted by each stage's length.
+    """
     net = method.build(grid["ndim"], recipe).to(device)
     adapter = method.grid_adapter(grid["shape"], grid["spacing"], recipe)
     stages = method.training_stages(net, recipe)
-    method.start_stage(net, 0, recipe)
-    optimiser = torch.optim.Adam(stages[0].parameters, lr=1e-6)
+    precision = training_precision(device, mixed_precision, method.allows_mixed_precision)
     batch = adapter.batch(to_device(synthetic_batch(grid, int(recipe["batch_size"]), method.needs_supervision),
                                     device))
-    times = []
     net.train()
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        terms = method.loss_terms(net, batch, recipe)
-        optimiser.zero_grad(set_to_none=True)
-        sum(weight * value.float() for weight, value in terms.values()).backward()
-        optimiser.step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    stage_seconds = []
+    for index, stage in enumerate(stages):
+        active = {id(p) for p in stage.parameters}
+        for parameter in net.parameters():
+            parameter.requires_grad_(id(parameter) in active)
+        method.start_stage(net, index, recipe)
+        optimiser = torch.optim.Adam(stage.parameters, lr=1e-6)  # a tiny rate: the weights stay as built
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            _, total = weighted_loss(method, net, batch, recipe, device, precision)
+            optimiser_step(total, optimiser, scaler)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        stage_seconds.append(statistics.median(times[1:]))
+    for parameter in net.parameters():
+        parameter.requires_grad_(True)
     net.eval()
     pair = to_device(synthetic_batch(grid, 1, False), device)
     with torch.no_grad():
@@ -81,8 +96,11 @@ def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torc
         start = time.perf_counter()
         method.register_on_dataset_grid(net, pair["fixed"], pair["moving"], recipe, adapter)
         synchronize(device)
-    return {"steps": sum(stage.iterations for stage in stages), "step_s": sorted(times[1:])[len(times[1:]) // 2],
-            "register_s": time.perf_counter() - start}
+    register_s = time.perf_counter() - start
+    total_steps = sum(stage.iterations for stage in stages)
+    seconds = sum(stage.iterations * s for stage, s in zip(stages, stage_seconds))
+    return {"steps": total_steps, "step_s": seconds / total_steps if total_steps else stage_seconds[0],
+            "register_s": register_s}
 
 
 def plan(config: dict[str, Any], device: torch.device, steps: int = 3) -> pd.DataFrame:
@@ -100,7 +118,7 @@ def plan(config: dict[str, Any], device: torch.device, steps: int = 3) -> pd.Dat
             if not method.trainable:
                 rows.append({**row, "steps": 0})
                 continue
-            cost = calibrate(method, settings["recipe"], grid, device, steps)
+            cost = calibrate(method, settings["recipe"], grid, device, steps, settings["mixed_precision"])
             train_h = cost["steps"] * cost["step_s"] / 3600
             rows.append({**row, **cost, "train_h": seeds * train_h,
                          "tune_h": int(tuning["trials"]) * float(tuning["fraction"]) * train_h,
