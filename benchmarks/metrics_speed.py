@@ -1,6 +1,6 @@
 """Time ``regbench.evaluation.metrics.pair_metrics`` on one OASIS-size pair on one CPU core.
 
-The pair is synthetic: 160 x 192 x 224 voxels, 35 labels (400 Voronoi cells of random seeds inside an
+The pair is synthetic: 160 x 192 x 224 voxels, 45 labels (400 Voronoi cells of random seeds inside an
 ellipsoidal "brain", shared out among the labels, their borders made wiggly by a smooth warp, background
 outside); the moving map is the fixed one deformed by a smooth random field, and u undoes most of that
 deformation up to smooth errors at two scales: Dice ~0.83, HD95 ~2 mm, SDlogJ ~0.4, a few folds, the
@@ -12,9 +12,10 @@ Then the straightforward implementation, on the first case: Learn2Reg's loop ove
 full-volume masks and surface-distance's algorithm (bounding box, neighbour codes, two Euclidean
 distance transforms and a sort per label, twice when the spacing is not 1), numpy.gradient Jacobian,
 Learn2Reg's correlate Jacobian, Liu et al.'s ten Jacobians over the whole image. The script checks
-that both give the same numbers. It takes about a minute.
+that both give the same numbers. It takes a few minutes. With --readme, the figures go into the README
+between its ``<!-- metrics-speed -->`` markers, with the commit that produced them.
 
-    python benchmarks/metrics_speed.py [--repeats 5] [--skip-reference]
+    python benchmarks/metrics_speed.py [--repeats 5] [--skip-reference] [--readme README.md]
 """
 from __future__ import annotations
 
@@ -25,15 +26,21 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
 from regbench.evaluation import metrics  # noqa: E402
+from regbench.runtime import git_commit  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_figures import write_between_markers  # noqa: E402
 
 SHAPE = (160, 192, 224)
-N_LABELS = 35
+N_LABELS = 45
 N_CELLS = 400  # Voronoi cells, shared out among the labels
 SPACING = (1.0, 1.2, 0.9)
 ERROR = (5.0, 3.2)  # amplitude (voxels) of u's error at knot spacings 12 and 4
@@ -200,6 +207,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-reference", action="store_true", help="do not run the straightforward version")
+    parser.add_argument("--readme", type=Path, help="write the figures into this README")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -230,7 +238,12 @@ def main():
     print(f"\npair_metrics with label_warp='linear' (one-hot linear + argmax), 1 mm: "
           f"{time.perf_counter() - t0:.3f} s (one run), dice={scalars['dice']:.4f}")
 
+    smooth, anisotropic, folding = (results[name] for name, _, _ in cases)
+    figures = [f"{smooth[1]:.2f} s (smooth field, 1 mm)", f"{anisotropic[1]:.2f} s (anisotropic spacing, + hd95_vox)",
+               f"{folding[1]:.2f} s (rough field folding {folding[0]['fold_pct']:.3f} % of voxels, NDV "
+               f"{folding[0]['ndv']:.3f} %)"]
     if args.skip_reference:
+        _write_readme(args.readme, figures)
         return
     name = cases[0][0]
     print(f"\nstraightforward implementation ({name}; per label: full-volume masks, surface-distance's "
@@ -246,6 +259,17 @@ def main():
         worst = max(worst, diff / max(1.0, abs(v)))
         print(f"  {k}: {v:.6g} (pair_metrics {scalars[k]:.6g}, |diff| {diff:.1e})")
     print("same numbers" if worst < 1e-5 else f"MISMATCH (worst relative difference {worst:.2e})")
+    figures.append(f"straightforward implementation {slow:.1f} s on the first case (x{slow / fast:.0f})")
+    _write_readme(args.readme, figures)
+
+
+def _write_readme(readme, figures):
+    if readme is None:
+        return
+    commit = git_commit(Path(__file__).resolve().parents[1])
+    write_between_markers(readme, "metrics-speed", f"{N_LABELS} labels, one core: " + "; ".join(figures)
+                          + f" (commit `{commit[:12]}`)", inline=True)
+    print(f"wrote the figures into {readme}")
 
 
 def time_parts(fixed, moving, u, labels, spacing):

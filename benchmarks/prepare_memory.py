@@ -6,11 +6,11 @@ process per N, printing its peak resident set (ru_maxrss).
 
     python benchmarks/prepare_memory.py            # N = 10 and 100
     python benchmarks/prepare_memory.py --subjects 20
+    python benchmarks/prepare_memory.py --readme README.md   # the figures between its <!-- prepare-memory --> markers
 """
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import sys
 import tarfile
@@ -55,8 +55,14 @@ def build_archive(path: Path, numbers: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, nargs="*", default=[10, 100])
+    parser.add_argument("--readme", type=Path, help="write the figures into this README")
     args = parser.parse_args()
     from archives import serve
+    from readme_figures import write_between_markers
+
+    from regbench.runtime import git_commit
+
+    figures = []
 
     for count in args.subjects:
         # Learn2Reg's test subjects first, then its validation subjects, then training subjects
@@ -75,6 +81,12 @@ def main() -> None:
             seconds, peak_mb = (float(v) for v in out.stdout.split()[-2:])
             print(f"{len(numbers):4d} subjects (archive {size_mb:.0f} MB, built in {time.perf_counter() - started - seconds:.0f} s): "
                   f"download + prepare {seconds:.0f} s, peak memory {peak_mb:.0f} MB")
+            figures.append(f"{len(numbers)} subjects: {peak_mb:.0f} MB ({seconds:.0f} s)")
+    if args.readme:
+        commit = git_commit(Path(__file__).resolve().parents[1])
+        write_between_markers(args.readme, "prepare-memory", "; ".join(figures) + f" (commit `{commit[:12]}`)",
+                              inline=True)
+        print(f"wrote the figures into {args.readme}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import inspect
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -145,7 +146,7 @@ def time_steps(steps: dict, warmup: int, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run(shape, batch_size: int, warmup: int, repeats: int, strided: bool) -> None:
+def run(shape, batch_size: int, warmup: int, repeats: int, strided: bool) -> list[float]:
     torch.manual_seed(0)
     batch = {"moving": torch.rand(batch_size, 1, *shape), "fixed": torch.rand(batch_size, 1, *shape)}
     print(f"\n== {len(shape)}D {'x'.join(map(str, shape))}, batch {batch_size}, {torch.get_num_threads()} threads, "
@@ -173,8 +174,11 @@ def run(shape, batch_size: int, warmup: int, repeats: int, strided: bool) -> Non
     for name, seconds in time_steps(steps, warmup, repeats).items():
         steps[name] = seconds
         print(f"{name:<60} {seconds * 1e3:9.1f} ms/step {parameters[name]:>8} parameters")
+    ratios = []
     for mine, theirs in pairs:
-        print(f"ratio regbench / official (same layers): {steps[mine] / steps[theirs]:.3f}")
+        ratios.append(steps[mine] / steps[theirs])
+        print(f"ratio regbench / official (same layers): {ratios[-1]:.3f}")
+    return ratios
 
 
 def main(argv=None) -> None:
@@ -187,13 +191,29 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--strided", action="store_true",
                         help="also time regbench's strided VoxelMorph-2 (the recipes' network)")
+    parser.add_argument("--readme", type=Path, help="write the ratios into this README (<!-- voxelmorph-step -->)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device != "cpu":
         torch.set_default_device(args.device)
+    figures = []
     for text in args.shape or ["160x176", "80x96x112"]:
         shape = tuple(int(s) for s in text.lower().split("x"))
-        run(shape, args.batch, args.warmup, args.repeats or (20 if len(shape) == 2 else 5), args.strided)
+        ratios = run(shape, args.batch, args.warmup, args.repeats or (20 if len(shape) == 2 else 5), args.strided)
+        figures += [f"{r:.2f} in {len(shape)}D {text}" for r in ratios]
+    if args.readme:
+        from readme_figures import write_between_markers
+
+        from regbench.runtime import git_commit
+
+        if figures:
+            import voxelmorph
+            text = "; ".join(figures) + f" (voxelmorph {voxelmorph.__version__}, {args.threads} threads)"
+        else:
+            text = "not measured: voxelmorph is not installed"
+        commit = git_commit(Path(__file__).resolve().parents[1])
+        write_between_markers(args.readme, "voxelmorph-step", f"{text} (commit `{commit[:12]}`)", inline=True)
+        print(f"wrote the figures into {args.readme}")
 
 
 if __name__ == "__main__":
