@@ -64,7 +64,8 @@ def test_every_contracted_file_is_written(tiny_runs):
     for name in ("leaderboard.csv", "stats.csv", "scores.csv", "ranks.csv"):
         assert (results / "embedded2d" / name).exists()
     assert len(re.findall(r"^\| [^|]+ \| identity( ◆)?( †)? \|", (results / "leaderboard.md").read_text(), re.M)) == 1
-    assert (results / "report" / "index.html").exists()
+    page = (results / "report" / "index.html").read_text()
+    assert re.search(r"MI\(intensity; labels\) \d\.\d\d bits \(test\)", page)   # from dataset.json, per split
     assert (results / "report" / "embedded2d" / "dice_per_structure.png").stat().st_size > 10_000
 
 

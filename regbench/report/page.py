@@ -444,6 +444,10 @@ class DatasetSection:
             spacing = " × ".join(f"{s:g}" for s in info.get("spacing", []))
             parts.append(f"{info.get('ndim', '?')}D, {shape} voxels of {spacing} mm")
         parts.append(f"{n_pairs} test pairs")
+        mi = info.get("intensity_label_mi", {}).get("splits", {})
+        if mi:
+            parts.append("MI(intensity; labels) " + ", ".join(f"{mi[s]:.2f} bits ({s})" for s in ("test", "train")
+                                                               if s in mi))
         if "label_warp" in self.board:
             parts.append("labels warped by " + "/".join(sorted(set(self.board["label_warp"].dropna()))))
         return ", ".join(parts)

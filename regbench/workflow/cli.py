@@ -42,6 +42,9 @@ def cmd_prepare(args) -> None:
     options = source.resolve_options(settings["dataset_options"])
     source.download(Path(args.raw), options)
     source.prepare(Path(args.raw), Path(args.prepared), options)
+    from regbench.evaluation.information import record_dataset_mi
+
+    record_dataset_mi(args.prepared)   # how hard the dataset is for intensity-driven registration, in dataset.json
 
 
 def cmd_train(args) -> None:
