@@ -108,3 +108,22 @@ def test_mixed_precision_trains_and_registers_close_to_float32(trained, embedded
                             mixed_precision=True)
     assert json.loads((tmp_path / "mixed" / "eval.json").read_text())["precision"] in ("bf16", "fp16")
     assert np.abs(mixed["dice"].to_numpy() - fp32["dice"].to_numpy()).max() < 0.02
+
+
+def test_the_field_metrics_on_cuda_give_numpy_s_numbers():
+    from regbench.evaluation.metrics.field_torch import field_pass
+    from regbench.evaluation.metrics.jacobian import _field_pass
+
+    rng = np.random.default_rng(0)
+    coarse = torch.from_numpy(rng.standard_normal((1, 3, 8, 10, 12)))
+    u = (torch.nn.functional.interpolate(coarse, size=(64, 80, 96), mode="trilinear", align_corners=True)[0] * 4
+         + torch.from_numpy(rng.standard_normal((3, 64, 80, 96))) * 0.3).numpy()
+    mask = np.zeros(u.shape[1:], bool)
+    mask[8:-8, 8:-8, 8:-8] = True
+    expected = _field_pass(u, mask=mask, want_ndv=True)
+    got = field_pass(torch.from_numpy(u).to(CUDA), torch.from_numpy(mask).to(CUDA))
+    assert expected["n_fold"] > 0
+    assert (got["n_fold"], got["n_fold_mask"], got["n_mask"]) == (expected["n_fold"], expected["n_fold_mask"],
+                                                                  expected["n_mask"])
+    for key in ("sdlogj", "sdlogj_l2r", "ndv"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9), key

@@ -50,7 +50,6 @@ def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
     probability of ranking first, overall and within the class, parameters, training time and device, and
     Learn2Reg's rank scores. Methods are compared on the same pairs only.
     """
-    dataset_dir = Path(results_dir) / dataset_id
     runs = {m: [0] for m in runs} if not isinstance(runs, dict) else {m: list(s) for m, s in runs.items()}
     method_ids = list(runs)
     rows, pair_lists, averaged, long = [], {}, {}, []

@@ -75,7 +75,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
             u_true = dataset.true_displacement(pair.fixed, pair.moving)[0].double().numpy()
         scores, per_label = metrics.pair_metrics(
             dataset.seg(pair.fixed), dataset.seg(pair.moving), u, dataset.label_values, dataset.spacing,
-            u_true=u_true, label_warp=label_warp)
+            u_true=u_true, label_warp=label_warp, device=device if device.type == "cuda" else None)
         pair_rows.append({"fixed": pair.fixed, "moving": pair.moving, **scores,
                           "runtime_s": runtime_s, "peak_mem_mb": peak_mem_mb})
         for row in per_label.to_dict("records"):

@@ -1,4 +1,5 @@
-"""Per-pair evaluation metrics (shared/spec/evaluation.md), numpy/scipy only, 2D and 3D.
+"""Per-pair evaluation metrics (shared/spec/evaluation.md), numpy/scipy, 2D and 3D (``field_torch``: the field
+metrics again with torch, for a GPU).
 
 Conventions (ARCHITECTURE.md, Learn2Reg): a displacement ``u`` has shape ``ndim x *spatial`` (no batch
 axis), lives on the fixed image's grid, is measured in voxels, channel k moves along array axis k, and
@@ -96,7 +97,7 @@ def _nanmean(x):
 
 
 def pair_metrics(fixed_seg, moving_seg, u, labels, spacing=None, u_true=None, fixed_mask=None,
-                 label_warp="nearest"):
+                 label_warp="nearest", device=None):
     """Every per-pair metric of spec/evaluation.md for one registered pair.
 
     Warps ``moving_seg`` by ``u`` (``warp_label_map``; ``label_warp`` "nearest" = Learn2Reg, "linear" =
@@ -109,6 +110,9 @@ def pair_metrics(fixed_seg, moving_seg, u, labels, spacing=None, u_true=None, fi
     - fold_pct, fold_pct_mask (within ``fixed_mask``, default ``fixed_seg > 0``), sdlogj, sdlogj_l2r,
       ndv: from u alone;
     - epe: end-point error against ``u_true`` over the same mask (NaN without ``u_true``).
+
+    With a torch ``device`` (scoring on a GPU passes its own), the Jacobian metrics and NDV run with torch there
+    (``field_torch``); HD95 and the label warp stay on the CPU.
 
     Returns ``(scalars, per_label)``: a dict of floats plus ``label_warp``, and a pandas DataFrame with
     one row per label (label, dice, hd95, hd95_vox).
@@ -147,7 +151,15 @@ def pair_metrics(fixed_seg, moving_seg, u, labels, spacing=None, u_true=None, fi
     hd = _hd_from_compact(cf, cw, n, spacings)
     hd_mm, hd_vox = hd[0], hd[-1]
 
-    field = _field_pass(u, mask=mask, want_ndv=True)
+    if device is None:
+        field = _field_pass(u, mask=mask, want_ndv=True)
+    else:  # the voxel-wise field metrics with torch on that device (a GPU): the same fold counts, see field_torch
+        import torch
+
+        from regbench.evaluation.metrics.field_torch import field_pass
+
+        field = field_pass(torch.from_numpy(np.ascontiguousarray(u)).to(device),
+                           torch.from_numpy(np.ascontiguousarray(mask)), want_ndv=True)
     nvox = float(np.prod(fixed_seg.shape))
     scalars = {
         "dice": _nanmean(dice),

@@ -1,0 +1,55 @@
+"""The field metrics with torch (regbench.evaluation.metrics.field_torch) give numpy's numbers: the same fold counts
+(the same determinant bits), SDlogJ and NDV to float rounding. On CPU here; tests/test_gpu.py repeats it on CUDA."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regbench.evaluation import metrics
+from regbench.evaluation.metrics.field_torch import field_pass
+from regbench.evaluation.metrics.jacobian import _field_pass
+
+
+def smooth_and_rough(shape, seed):
+    """A smooth displacement of a few voxels (folds where it is steep) and the same plus voxel-wise noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((len(shape),) + tuple(max(2, s // 6) for s in shape))
+    smooth = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], size=shape,
+                                             mode="bilinear" if len(shape) == 2 else "trilinear",
+                                             align_corners=True)[0].numpy() * 4.0
+    return smooth, smooth + rng.standard_normal(smooth.shape) * 0.4
+
+
+CASES = [((40, 36), np.float64), ((40, 36), np.float32), ((20, 18, 16), np.float64), ((20, 18, 16), np.float32)]
+
+
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_torch_field_pass_gives_numpy_s_fold_counts_sdlogj_and_ndv(shape, dtype):
+    for u in smooth_and_rough(shape, seed=len(shape)):
+        u = u.astype(dtype)
+        mask = np.zeros(shape, bool)
+        mask[(slice(2, -3),) * len(shape)] = True
+        expected = _field_pass(u, mask=mask, want_ndv=True)
+        got = field_pass(torch.from_numpy(u), torch.from_numpy(mask))
+        assert expected["n_fold"] > 0 and expected["ndv"] > 0          # the case folds
+        for key in ("n_fold", "n_fold_mask", "n_mask"):
+            assert got[key] == expected[key], key
+        tolerance = 1e-10 if dtype == np.float64 else 1e-5
+        for key in ("sdlogj", "sdlogj_l2r", "ndv"):
+            assert got[key] == pytest.approx(expected[key], rel=tolerance, abs=1e-12), key
+
+
+def test_pair_metrics_on_a_torch_device_gives_the_same_scores():
+    rng = np.random.default_rng(3)
+    fixed = rng.integers(0, 4, (30, 28))
+    moving = np.roll(fixed, 1, axis=0)
+    _, u = smooth_and_rough((30, 28), seed=5)
+    labels = [1, 2, 3]
+    on_numpy, per_label = metrics.pair_metrics(fixed, moving, u, labels)
+    on_torch, per_label_torch = metrics.pair_metrics(fixed, moving, u, labels, device="cpu")
+    assert on_numpy["fold_pct"] > 0
+    for key, value in on_numpy.items():
+        if isinstance(value, float) and not np.isnan(value):
+            assert on_torch[key] == pytest.approx(value, rel=1e-10), key
+    assert per_label.equals(per_label_torch)
