@@ -96,15 +96,17 @@ def config_hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def git_commit(root: Path | None = None) -> str:
+def git_commit(root: Path | None = None, ignoring: tuple = ()) -> str:
+    """HEAD's commit, with ``-dirty`` when a tracked file other than those in ``ignoring`` has changed."""
     root = root or Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         commit = out.stdout.strip()
         if not commit:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        excluded = [f":(exclude){Path(p).resolve()}" for p in ignoring]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."] + excluded,
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

@@ -3,6 +3,7 @@ the lock file records the choice and the runs train with it."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pandas as pd
 import pytest
@@ -226,3 +227,21 @@ def test_snakemake_tune_writes_the_lock_file_and_a_run_trains_with_it(tmp_path):
     assert train["recipe"]["lr"] == pytest.approx(chosen["lr"])
     assert train["recipe"]["smoothness_weight"] == pytest.approx(chosen["smoothness_weight"])
     assert train["recipe"]["iterations"] == 3                          # the full budget, not the trials'
+
+
+def test_the_lock_file_s_own_change_does_not_mark_the_commit_dirty(tmp_path):
+    from regbench.runtime import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "lock.yaml").write_text("a: 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    (tmp_path / "lock.yaml").unlink()   # as snakemake does before the lock job rewrites it
+    clean = git_commit(tmp_path, ignoring=(tmp_path / "lock.yaml",))
+    assert len(clean) == 40 and git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path, ignoring=(tmp_path / "lock.yaml",)).endswith("-dirty")

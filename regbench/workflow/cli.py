@@ -202,7 +202,8 @@ def cmd_lock(args) -> None:
     from regbench.tuning.lock import write_lock
 
     choices = [read_json(path) for path in args.choices]
-    made = {"commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    # the lock file's own change (snakemake removes it before the job rewrites it) does not make the code dirty
+    made = {"commit": git_commit(ignoring=(args.out,)), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": os.environ.get("REGBENCH_COMMAND") or "snakemake --cores all tune"}
     write_lock(args.out, args.dataset, choices, made)
 
