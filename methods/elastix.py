@@ -23,6 +23,8 @@ so the method runs once per seed (``random_seed + seed``).
 """
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import torch
 
@@ -117,6 +119,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, recipe: dict) -> np.n
     moving_image = itk.image_from_array(np.ascontiguousarray(moving, dtype=np.float32))
     _, transform = itk.elastix_registration_method(fixed_image, moving_image, parameter_object=parameters,
                                                    log_to_console=False)
-    field = itk.array_from_image(itk.transformix_deformation_field(moving_image, transform))
+    with tempfile.TemporaryDirectory() as scratch:   # transformix writes deformationField.nii into its folder
+        field = itk.array_from_image(itk.transformix_deformation_field(moving_image, transform,
+                                                                       output_directory=scratch))
     # *spatial x ndim with (x, y, z) components -> ndim x *spatial in array-axis order
     return np.moveaxis(field[..., ::-1], -1, 0).astype(np.float64)

@@ -47,7 +47,8 @@ def test_elastix_recovers_a_smooth_warp_better_than_affine(shape):
     assert by_elastix < 0.5 * by_affine
 
 
-def test_elastix_is_deterministic_and_its_seed_is_the_run_s():
+def test_elastix_is_deterministic_and_its_seed_is_the_run_s(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     fixed, moving = _known_warp((48, 40), seed=1)
     pair = [torch.from_numpy(x)[None, None] for x in (fixed, moving)]
     method = plugins.load_method("elastix")
@@ -57,6 +58,7 @@ def test_elastix_is_deterministic_and_its_seed_is_the_run_s():
     seed_one = method.recipe_for_seed(recipe, 1)
     assert seed_one["random_seed"] == recipe["random_seed"] + 1 and method.seeded and not method.trainable
     assert not torch.equal(first, method.register(None, *pair, seed_one))   # another sample of voxels
+    assert list(tmp_path.iterdir()) == []   # nothing written where the job runs (transformix's field file)
 
 
 def test_the_parameter_map_carries_the_recipe_and_refuses_empty_schedules():
