@@ -1,8 +1,6 @@
 """`regbench plan`: a config's cost from a short calibration, before the run."""
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import pytest
 import torch
@@ -17,6 +15,7 @@ from regbench.method import TrainingStage
 from regbench.plugins import load_dataset, load_method
 from regbench.training.loop import train
 from regbench.workflow import cli
+from regbench.workflow import plan as plan_module
 from regbench.workflow.plan import calibrate, dataset_grid
 
 ITERATIONS = 7
@@ -73,10 +72,23 @@ def test_an_unprepared_dataset_plans_from_its_plugin_s_grid_or_says_to_prepare_i
         dataset_grid({"data_dir": str(tmp_path), "datasets": {"lpba40": {}}}, "lpba40")
 
 
+class Clock:
+    """A stand-in for the time module whose clock moves only when a loss is computed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
 class SlowSecondStage(RegistrationMethod):
-    """Two stages; a step of the second one sleeps 30 ms, a step of the first does not."""
+    """Two stages: a step of the first takes 10 ms of ``clock``, a step of the second 50 ms."""
     name = "slow_second_stage"
-    recipes = {"quick": {"iterations": 0, "batch_size": 1, "lr": 1e-3, "first": 1, "second": 3}}
+    recipes = {"quick": {"iterations": 0, "batch_size": 1, "lr": 1e-3, "first": 3, "second": 1}}
+
+    def __init__(self, clock):
+        self.clock = clock
 
     def build(self, ndim, recipe):
         net = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
@@ -91,8 +103,7 @@ class SlowSecondStage(RegistrationMethod):
         net.slow = index == 1
 
     def loss_terms(self, net, batch, recipe):
-        if net.slow:
-            time.sleep(0.03)
+        self.clock.now += 0.05 if net.slow else 0.01
         u = net(torch.cat([batch["moving"], batch["fixed"]], 1))
         return {"similarity": (1.0, ((warp(batch["moving"], u) - batch["fixed"]) ** 2).mean())}
 
@@ -100,13 +111,15 @@ class SlowSecondStage(RegistrationMethod):
         return net(torch.cat([moving, fixed], 1))
 
 
-def test_calibration_times_every_stage_and_weights_it_by_its_steps():
+def test_calibration_times_every_stage_and_weights_it_by_its_steps(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(plan_module, "time", clock)
     grid = {"ndim": 2, "shape": (16, 16), "spacing": (1.0, 1.0), "labels": 2, "test_pairs": 1}
-    method = SlowSecondStage()
+    method = SlowSecondStage(clock)
     cost = calibrate(method, method.recipe("quick"), grid, torch.device("cpu"), steps=2)
     assert cost["steps"] == 4
-    # 3 of the 4 steps sleep 30 ms: at least 22.5 ms a step on average, and not the first stage's few ms alone
-    assert 0.0225 <= cost["step_s"] < 0.0225 + 0.02
+    # 3 steps of 10 ms and 1 of 50 ms: 20 ms a step (first stage alone 10, last alone 50, stages unweighted 30)
+    assert cost["step_s"] == pytest.approx(0.02)
 
 
 def test_calibration_agrees_with_the_training_loop_s_own_step_time(data_dir, tmp_path):

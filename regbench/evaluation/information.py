@@ -5,8 +5,8 @@ NeurIPS 2024, found that classical methods' Dice tracks it across datasets).
 Convention: every voxel of the image counts, background (label 0) included, each label value its own class;
 intensities fall in ``bins`` equal-width bins over the image's own range (a constant image: one bin). The value is
 in bits, and at most min(H(i), H(s)): 0 when the labels cannot be told from the intensities, H(s) when they can be
-read off them. A dataset records the mean over each split's subjects in ``dataset.json`` (``intensity_label_mi``);
-a pair's value is the mean of its two subjects'.
+read off them. A dataset records every subject's value and the mean over each split's subjects in ``dataset.json``
+(``intensity_label_mi``).
 """
 from __future__ import annotations
 
@@ -61,10 +61,3 @@ def record_dataset_mi(prepared_dir, bins: int = DEFAULT_BINS) -> dict:
     write_json(info_path, {**read_json(info_path), "intensity_label_mi": record})
     return record
 
-
-def pair_mi(info: dict, fixed: str, moving: str) -> float:
-    """A pair's MI(i; s): the mean of its two subjects' (NaN where dataset.json has none)."""
-    subjects = info.get("intensity_label_mi", {}).get("subjects", {})
-    if fixed not in subjects or moving not in subjects:
-        return float("nan")
-    return (subjects[fixed] + subjects[moving]) / 2

@@ -42,6 +42,13 @@ def weighted_loss(method: RegistrationMethod, net: torch.nn.Module, batch: dict,
     return terms, total
 
 
+def train_only(net: torch.nn.Module, parameters) -> None:
+    """Freeze every parameter of ``net`` outside ``parameters`` (a training stage's), unfreeze those."""
+    active = {id(p) for p in parameters}
+    for parameter in net.parameters():
+        parameter.requires_grad_(id(parameter) in active)
+
+
 def optimiser_step(total: torch.Tensor, optimiser: torch.optim.Optimizer, scaler=None) -> None:
     """Back-propagate ``total`` and step (through the gradient scaler in fp16)."""
     optimiser.zero_grad(set_to_none=True)
@@ -89,9 +96,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     def begin(index: int) -> torch.optim.Optimizer:
         """Freeze every parameter outside the stage; a fresh Adam over the stage's parameters."""
         stage = stages[index]
-        active = {id(p) for p in stage.parameters}
-        for parameter in net.parameters():
-            parameter.requires_grad_(id(parameter) in active)
+        train_only(net, stage.parameters)
         method.start_stage(net, index, recipe)
         return torch.optim.Adam(stage.parameters, lr=stage.lr if stage.lr is not None else recipe["lr"],
                                 **(stage.adam or {}))
@@ -168,8 +173,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     write_csv(out_dir / "train_log.csv", pd.DataFrame(log_rows))
     write_json(out_dir / "train.json", summary)
     checkpoint_path.unlink(missing_ok=True)
-    for parameter in net.parameters():
-        parameter.requires_grad_(True)
+    train_only(net, net.parameters())
     return summary
 
 

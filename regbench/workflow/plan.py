@@ -22,7 +22,7 @@ from regbench import plugins
 from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import InputError
 from regbench.runtime import synchronize, training_precision
-from regbench.training.loop import optimiser_step, weighted_loss
+from regbench.training.loop import optimiser_step, train_only, weighted_loss
 from regbench.workflow.config import job_settings
 
 
@@ -72,9 +72,7 @@ def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torc
     net.train()
     stage_seconds = []
     for index, stage in enumerate(stages):
-        active = {id(p) for p in stage.parameters}
-        for parameter in net.parameters():
-            parameter.requires_grad_(id(parameter) in active)
+        train_only(net, stage.parameters)
         method.start_stage(net, index, recipe)
         optimiser = torch.optim.Adam(stage.parameters, lr=1e-6)  # a tiny rate: the weights stay as built
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -86,8 +84,7 @@ def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torc
             synchronize(device)
             times.append(time.perf_counter() - start)
         stage_seconds.append(statistics.median(times[1:]))
-    for parameter in net.parameters():
-        parameter.requires_grad_(True)
+    train_only(net, net.parameters())
     net.eval()
     pair = to_device(synthetic_batch(grid, 1, False), device)
     with torch.no_grad():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from regbench.evaluation.metrics.jacobian import _det   # plain operators: numpy's order, on tensors too
+
 
 def _diff2(f: torch.Tensor, axis: int) -> torch.Tensor:
     """2 x numpy.gradient(f, axis): f[i+1] - f[i-1] inside, 2 (f[1] - f[0]) and 2 (f[-1] - f[-2]) at the ends."""
@@ -20,15 +22,6 @@ def _diff2(f: torch.Tensor, axis: int) -> torch.Tensor:
     first = (f.narrow(axis, 1, 1) - f.narrow(axis, 0, 1)) * 2
     last = (f.narrow(axis, n - 1, 1) - f.narrow(axis, n - 2, 1)) * 2
     return torch.cat([first, inner, last], dim=axis)
-
-
-def _det(m) -> torch.Tensor:
-    """det of the matrix of tensors m[row][col], in the order of jacobian._det_into (same bits)."""
-    if len(m) == 2:
-        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
-    out = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-    out = out - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-    return out + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 
 
 def _std(values: torch.Tensor) -> float:
