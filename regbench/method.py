@@ -105,6 +105,10 @@ class RegistrationMethod:
     #: True when the method trains and registers correctly under autocast (config ``mixed_precision``);
     #: a method whose losses or integration need float32 throughout leaves it False.
     allows_mixed_precision: bool = False
+    #: True when the training loop may keep the method's images and conv weights channels-last on CPU
+    #: (:func:`regbench.runtime.memory_format`: most networks step faster so); a method that measures slower
+    #: with it (``benchmarks/memory_format.py``) sets False. The layout does not change a computed value.
+    channels_last: bool = True
     #: ``{"paper": {...}, "quick": {...}}``; each a flat dict of hyper-parameters.
     recipes: dict[str, dict[str, Any]] = {}
     #: Where this file departs from the paper and its official code (what, why, which recipes, whether it can
@@ -185,9 +189,16 @@ class RegistrationMethod:
         """The grid the paper's network runs on; None (the default): the dataset's own grid."""
         return None
 
-    def grid_adapter(self, shape, spacing, recipe: dict[str, Any]) -> GridAdapter:
-        """Resampling between a dataset's grid (``shape``, ``spacing`` in mm) and :meth:`working_grid`."""
-        return GridAdapter(shape, spacing, self.working_grid(len(shape), recipe))
+    def grid_adapter(self, shape, spacing, recipe: dict[str, Any], trained_on=None) -> GridAdapter:
+        """Resampling between a dataset's grid (``shape``, ``spacing`` in mm) and :meth:`working_grid`.
+
+        ``trained_on``: ``(shape, spacing)`` of the dataset a trained network learned on, when it registers another
+        dataset's images: they are resampled onto the grid the network was trained on (its working grid there) and
+        the displacement is brought back to ``shape`` (:meth:`regbench.geometry.GridAdapter.onto`)."""
+        if trained_on is None:
+            return GridAdapter(shape, spacing, self.working_grid(len(shape), recipe))
+        trained_shape, trained_spacing = trained_on
+        return self.grid_adapter(trained_shape, trained_spacing, recipe).onto(shape, spacing)
 
     def register_on_dataset_grid(self, net: nn.Module | None, fixed: torch.Tensor, moving: torch.Tensor,
                                  recipe: dict[str, Any], adapter: GridAdapter) -> torch.Tensor:

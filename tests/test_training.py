@@ -16,6 +16,7 @@ from regbench.io import save_nifti
 from regbench.blocks.losses import mse
 from regbench.method import RegistrationMethod, TrainingStage
 from regbench.blocks.spatial import warp
+from regbench.runtime import in_memory_format, memory_format
 from regbench.training.loop import TrainingDiverged, load_trained, train
 
 
@@ -210,3 +211,40 @@ def test_training_with_loader_workers_ends_with_the_weights_of_training_without(
         weights.append(torch.load(tmp_path / f"w{workers}" / "model.pt", weights_only=False)["net"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert worker_count("auto", torch.device("cpu")) == 0 and worker_count("auto", torch.device("cuda")) == 4
+
+
+class LayoutProbe(TwoStages):
+    """TwoStages that records the layout of what its loss sees (``channels_last``: the class attribute under test)."""
+
+    def loss_terms(self, net, batch, recipe):
+        self.seen = net.first.weight.is_contiguous(memory_format=torch.channels_last)  # 2 x 2 x 3 x 3: one layout only
+        return super().loss_terms(net, batch, recipe)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_loop_trains_channels_last_on_cpu_unless_the_method_opts_out(tiny_dataset, tmp_path, channels_last):
+    method = LayoutProbe()
+    method.channels_last = channels_last
+    train(method, method.recipe("quick"), tiny_dataset, tmp_path, seed=1)
+    assert method.seen == channels_last
+
+
+def test_a_batch_goes_channels_last_in_its_image_shaped_tensors_only():
+    batch = {"supervision": torch.rand(1, 3, 4, 5, 6), "labels": torch.arange(1, 4)}
+    moved = in_memory_format(batch, memory_format(torch.device("cpu"), 3), 3)
+    assert moved["supervision"].stride()[1] == 1 and torch.equal(moved["supervision"], batch["supervision"])
+    assert moved["labels"] is batch["labels"]
+    assert memory_format(torch.device("cpu"), 2, channels_last=False) == torch.contiguous_format
+
+
+def test_the_layout_changes_no_result_beyond_rounding(tiny_dataset, tmp_path):
+    weights = {}
+    for channels_last in (True, False):
+        method = TwoStages()
+        method.channels_last = channels_last
+        summary = train(method, method.recipe("quick"), tiny_dataset, tmp_path / str(channels_last), seed=2)
+        weights[channels_last] = torch.load(tmp_path / str(channels_last) / "model.pt", weights_only=False)["net"]
+        assert summary["final_loss"] > 0
+    for key in weights[True]:
+        torch.testing.assert_close(weights[True][key].contiguous(), weights[False][key], rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(weights[True][k], TwoStages().build(2, {}).state_dict()[k]) for k in weights[True])

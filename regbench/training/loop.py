@@ -23,8 +23,8 @@ from regbench.data.loader import batch_loader, worker_count
 from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import atomic_path, write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
-from regbench.runtime import (autocast, peak_memory_mb, reset_peak_memory, seed_everything, synchronize,
-                              training_precision)
+from regbench.runtime import (autocast, in_memory_format, memory_format, peak_memory_mb, reset_peak_memory,
+                              seed_everything, synchronize, training_precision)
 from regbench.training.supervision import training_batches
 
 
@@ -80,7 +80,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     seed_everything(seed)
     reset_peak_memory(device)
-    net = method.build(dataset.ndim, recipe).to(device)
+    layout = memory_format(device, dataset.ndim, method.channels_last)
+    net = method.build(dataset.ndim, recipe).to(device, memory_format=layout)
     adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)  # the paper's grid, where it has one
     stages = method.training_stages(net, recipe)
     # with a classical tool's fields if the method needs them (results/<ds>/syn_supervision unless given)
@@ -136,7 +137,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
             optimiser = begin(current)
         step_in_stage = iteration - (ends[current] - stages[current].iterations)
         _set_learning_rate(optimiser, stages[current], recipe, step_in_stage)
-        batch = adapter.batch(to_device(next(batches), device, non_blocking=pin))
+        batch = in_memory_format(adapter.batch(to_device(next(batches), device, non_blocking=pin)), layout,
+                                 dataset.ndim)
         terms, total = weighted_loss(method, net, batch, recipe, device, precision)
         for name, (weight, value) in terms.items():
             if not torch.isfinite(value).all():

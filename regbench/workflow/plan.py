@@ -21,7 +21,7 @@ import torch
 from regbench import plugins
 from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import InputError
-from regbench.runtime import synchronize, training_precision
+from regbench.runtime import in_memory_format, memory_format, synchronize, training_precision
 from regbench.training.loop import optimiser_step, train_only, weighted_loss
 from regbench.workflow.config import job_settings
 
@@ -63,12 +63,14 @@ def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torc
     :func:`~regbench.training.loop.optimiser_step`, the same precision): the median of ``steps`` after a warm-up,
     on that stage's parameters; ``step_s`` is the mean over the recipe's steps, weighted by each stage's length.
     """
-    net = method.build(grid["ndim"], recipe).to(device)
+    layout = memory_format(device, grid["ndim"], method.channels_last)  # the training loop's layout
+    net = method.build(grid["ndim"], recipe).to(device, memory_format=layout)
     adapter = method.grid_adapter(grid["shape"], grid["spacing"], recipe)
     stages = method.training_stages(net, recipe)
     precision = training_precision(device, mixed_precision, method.allows_mixed_precision)
-    batch = adapter.batch(to_device(synthetic_batch(grid, int(recipe["batch_size"]), method.needs_supervision),
-                                    device))
+    batch = in_memory_format(adapter.batch(to_device(synthetic_batch(grid, int(recipe["batch_size"]),
+                                                                     method.needs_supervision), device)),
+                             layout, grid["ndim"])
     net.train()
     stage_seconds = []
     for index, stage in enumerate(stages):
