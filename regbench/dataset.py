@@ -10,7 +10,8 @@ Prepared layout (``data/<id>/prepared/``), every path relative to that folder:
   ``image_<contrast>`` for extra contrasts, ``gt_transform`` (an ``.npz`` holding ``to_template``
   and ``from_template`` displacements, voxels, ``ndim x *spatial``) and ``template``;
 - ``labels.csv``: label, name (the evaluation labels; background 0 is never one);
-- ``pairs.csv``: split, fixed, moving;
+- ``pairs.csv``: split, fixed, moving, and ``intensity_label_mi`` (bits, each pair's MI(intensity; labels), which the
+  prepare step adds: :mod:`regbench.evaluation.information`);
 - ``arrays/<subject>.<column>.npy``: every volume of subjects.csv again (``image``, ``image_<contrast>``, ``seg``),
   uncompressed so that a batch reads it (np.load) instead of decompressing a NIfTI: images float32, label maps the
   smallest unsigned integer type that holds their values (the NIfTI files stay, for people and other tools);

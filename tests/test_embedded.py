@@ -254,3 +254,62 @@ def test_subjects_table_round_trips(prepared2d):
     assert list(table.columns) == ["subject", "split", "image", "seg", "image_t2", "template", "gt_transform"]
     info = json.loads((prepared2d.root / "dataset.json").read_text())
     assert info["provenance"]["shipped_sha256"].keys() == {"fsaverage_2d.npz", "xhemi_2d.npz"}
+
+
+@pytest.fixture(scope="module")
+def shifted2d(tmp_path_factory):
+    """embedded2d_shift with its default options."""
+    folder = tmp_path_factory.mktemp("embedded2d_shift")
+    load_dataset("embedded2d_shift").prepare(None, folder, {})
+    return PreparedDataset(folder)
+
+
+def identity_dice(ds) -> np.ndarray:
+    """Each test pair's mean Dice without registration."""
+    return np.array([mean_dice(ds.seg(p.moving), ds.seg(p.fixed), ds.label_values)
+                     for p in ds.split_pairs("test").itertuples()])
+
+
+def test_the_shifted_variant_has_embedded2d_s_grid_labels_and_pairs_and_t2_like_images(shifted2d, prepared2d):
+    """A model trained on embedded2d applies as it is: one grid, one label set, the same pair design."""
+    assert (shifted2d.shape, shifted2d.spacing) == (prepared2d.shape, prepared2d.spacing) == ((176, 176), (1.0, 1.0))
+    assert shifted2d.label_values.tolist() == prepared2d.label_values.tolist()
+    assert shifted2d.split_pairs("test")[["fixed", "moving"]].equals(prepared2d.split_pairs("test")[["fixed", "moving"]])
+    assert shifted2d.contrasts == []   # the primary image is the T2-like one; no second contrast
+    for subject in shifted2d.split_subjects("test")[:3]:
+        image, seg = shifted2d.image(subject), shifted2d.seg(subject)
+        mean = {name: image[np.isin(seg, labels)].mean()
+                for name, labels in (("white matter", [2, 41]), ("cortex", [3, 42]), ("ventricles", [4, 43]))}
+        assert mean["ventricles"] > mean["cortex"] > mean["white matter"] + 0.1, mean   # T2's order
+        # new subjects (its own seed), not embedded2d's relabelled
+        assert not np.array_equal(seg, prepared2d.seg(subject))
+
+
+def test_the_shift_is_measured_harder_than_embedded2d(shifted2d, prepared2d):
+    """Unregistered Dice 0.567 (embedded2d 0.602), structures further apart, noisier, less MI(i; s)."""
+    shifted, home = identity_dice(shifted2d), identity_dice(prepared2d)
+    assert len(shifted) == len(home) == 22
+    assert 0.55 < shifted.mean() < 0.585 and 0.59 < home.mean() < 0.615
+    assert shifted.mean() < home.mean() - 0.02
+
+    def true_length(ds):   # mean |true u| over the fixed brain, pairs within a template
+        lengths = [ds.true_displacement(p.fixed, p.moving)[0].norm(dim=0).numpy()[ds.seg(p.fixed) > 0].mean()
+                   for p in ds.split_pairs("test").itertuples() if ds.has_ground_truth(p.fixed, p.moving)]
+        return float(np.mean(lengths))
+
+    assert true_length(shifted2d) > 1.1 * true_length(prepared2d)
+
+    def white_matter_spread(ds):   # intensity std within white matter relative to its mean: noise and bias
+        values = [ds.image(s)[np.isin(ds.seg(s), [2, 41])] for s in ds.split_subjects("test")]
+        return float(np.mean([v.std() / v.mean() for v in values]))
+
+    assert white_matter_spread(shifted2d) > 1.5 * white_matter_spread(prepared2d)
+    from regbench.evaluation.information import dataset_mi
+
+    assert dataset_mi(shifted2d)["splits"]["test"] < dataset_mi(prepared2d)["splits"]["test"] - 0.1
+
+
+def test_the_shifted_variant_s_true_displacements_warp_moving_onto_fixed(shifted2d):
+    test = shifted2d.split_pairs("test")
+    pairs = [(f, m) for f, m in zip(test["fixed"], test["moving"]) if shifted2d.has_ground_truth(f, m)][:4]
+    check_true_displacements(shifted2d, embedded_module().load_templates(2), pairs, min_dice=0.88)

@@ -60,3 +60,20 @@ def test_the_prepare_step_records_every_subject_and_each_split_s_mean_in_dataset
     assert record["splits"]["test"] == pytest.approx(np.mean([record["subjects"][s] for s in test_subjects]))
     # brain slices: the intensities say much, not all, about the labels
     assert 0.3 < record["splits"]["test"] < 3.0
+
+
+def test_the_prepare_step_gives_each_pair_the_mean_of_its_two_subjects_mi(tmp_path):
+    settings = {"dataset": "embedded2d_shift", "dataset_options": {"n_train": 0, "n_val": 1, "n_test": 2},
+                "torch_threads": 1, "seed": 0}
+    prepared = tmp_path / "prepared"
+    assert cli.main(["prepare", "--raw", str(tmp_path / "raw"), "--prepared", str(prepared),
+                     "--settings", json.dumps(settings)]) == 0
+    record = read_json(prepared / "dataset.json")["intensity_label_mi"]
+    dataset = PreparedDataset(prepared)
+    pairs = dataset.pairs
+    assert list(pairs.columns) == ["split", "fixed", "moving", "intensity_label_mi"] and len(pairs) == 5
+    for pair in pairs.itertuples():
+        mi = {s: intensity_label_mi(dataset.image(s), dataset.seg(s), record["bins"]) for s in (pair.fixed, pair.moving)}
+        assert pair.intensity_label_mi == pytest.approx((mi[pair.fixed] + mi[pair.moving]) / 2)
+    assert record["pairs"]["test"] == pytest.approx(pairs.loc[pairs["split"] == "test", "intensity_label_mi"].mean())
+    assert set(record["pairs"]) == {"val", "test"} and "train" not in record["splits"]   # no train subjects here

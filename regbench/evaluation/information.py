@@ -7,6 +7,10 @@ intensities fall in ``bins`` equal-width bins over the image's own range (a cons
 in bits, and at most min(H(i), H(s)): 0 when the labels cannot be told from the intensities, H(s) when they can be
 read off them. A dataset records every subject's value and the mean over each split's subjects in ``dataset.json``
 (``intensity_label_mi``).
+
+A pair's value is the mean of its two subjects' (primary images): how much the intensities of the two images that
+a registration matches say about the labels it is scored on. The prepared ``pairs.csv`` carries it per pair
+(column ``intensity_label_mi``), and ``dataset.json`` the mean over each split's pairs (``pairs``).
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+import pandas as pd
+
 from regbench.data.prepared import PreparedDataset
-from regbench.io import read_json, write_json
+from regbench.io import read_json, write_csv, write_json
 
 DEFAULT_BINS = 32
 
@@ -51,13 +57,25 @@ def dataset_mi(dataset: PreparedDataset, bins: int = DEFAULT_BINS) -> dict:
             subjects[subject] = intensity_label_mi(dataset.image(subject), dataset.seg(subject), bins)
     splits = {split: float(np.mean([subjects[s] for s in dataset.split_subjects(split)]))
               for split in ("train", "val", "test") if dataset.split_subjects(split)}
-    return {"unit": "bits", "bins": int(bins), "splits": splits, "subjects": subjects}
+    pairs = pair_mi(dataset.pairs, subjects)
+    pair_splits = {split: float(values.mean()) for split, values in pairs.groupby(dataset.pairs["split"], sort=False)}
+    return {"unit": "bits", "bins": int(bins), "splits": splits, "pairs": pair_splits, "subjects": subjects}
+
+
+def pair_mi(pairs: pd.DataFrame, subjects: dict[str, float]) -> pd.Series:
+    """Each pair's MI(i; s) in bits: the mean of its fixed and its moving subject's (a table of fixed, moving)."""
+    return pd.Series([(subjects[f] + subjects[m]) / 2 for f, m in zip(pairs["fixed"], pairs["moving"])],
+                     index=pairs.index, name="intensity_label_mi", dtype=float)
 
 
 def record_dataset_mi(prepared_dir, bins: int = DEFAULT_BINS) -> dict:
-    """Add ``intensity_label_mi`` (:func:`dataset_mi`) to a prepared folder's dataset.json; the record."""
+    """Add ``intensity_label_mi`` (:func:`dataset_mi`) to a prepared folder's dataset.json, and each pair's value
+    (:func:`pair_mi`) to its pairs.csv (dataset.json last: the folder is complete when it has the record)."""
     info_path = Path(prepared_dir) / "dataset.json"
-    record = dataset_mi(PreparedDataset(prepared_dir), bins)
+    dataset = PreparedDataset(prepared_dir)
+    record = dataset_mi(dataset, bins)
+    pairs = dataset.pairs[["split", "fixed", "moving"]].assign(intensity_label_mi=pair_mi(dataset.pairs, record["subjects"]))
+    write_csv(Path(prepared_dir) / "pairs.csv", pairs)
     write_json(info_path, {**read_json(info_path), "intensity_label_mi": record})
     return record
 
