@@ -44,3 +44,4 @@ rule all:
         expand(f"{RESULTS}/{{dataset}}/leaderboard.csv", dataset=DATASETS),
         f"{RESULTS}/leaderboard.md",
         f"{RESULTS}/report/index.html",
+        generalization_tables(),

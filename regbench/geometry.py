@@ -161,6 +161,19 @@ class GridAdapter:
                               padding_mode=padding, align_corners=True)
         return moved / to_mm
 
+    def onto(self, shape, spacing) -> "GridAdapter":
+        """The adapter that runs this adapter's network grid (where a model was trained) for images of another grid
+        (``shape``, ``spacing`` in mm): the same adapter where the grids agree, else one whose working grid is this
+        one's shape and spacing, centred alike (cross-dataset evaluation)."""
+        shape, spacing = tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
+        if len(shape) != len(self.source_shape):
+            raise ValueError(f"a network trained on {len(self.source_shape)}D images cannot register {len(shape)}D "
+                             f"images of the grid {shape}")
+        if shape == self.source_shape and all(math.isclose(a, b, rel_tol=1e-6)
+                                              for a, b in zip(spacing, self.source_spacing)):
+            return self
+        return GridAdapter(shape, spacing, WorkingGrid(self.shape, self.spacing))
+
     def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A training batch (regbench.method's keys) on the working grid: images linear, label maps nearest,
         a supervising displacement (``supervision``) as a displacement; ``labels`` unchanged."""

@@ -3,6 +3,9 @@
 results/<dataset>/<method>/seed<seed>/ holds one training run and its scores (model.pt, train_log.csv, train.json,
 pairs.csv, labels.csv, eval.json); a deterministic method without training is run once, under its first seed.
 results/<dataset>/ holds what joins them (scores.csv, leaderboard.csv, stats.csv, ranks.csv, leaderboard.json).
+A run that also registers another dataset's test pairs (config ``evaluate_on``) scores them in its folder's
+on_<target>/ (pairs.csv, labels.csv, eval.json); results/<dataset>/on_<target>/ joins those (the same tables as
+results/<dataset>/), and results/<dataset>/generalization.csv compares every target with the dataset itself.
 """
 from __future__ import annotations
 
@@ -17,3 +20,13 @@ def run_dir(results_dir, dataset_id: str, method_id: str, seed: int) -> Path:
 def supervision_dir(results_dir, dataset_id: str) -> Path:
     """results/<dataset>/syn_supervision: SyN's fields of the training pairs, for methods that learn from them."""
     return Path(results_dir) / dataset_id / "syn_supervision"
+
+
+def target_run_dir(results_dir, dataset_id: str, method_id: str, seed: int, target_id: str) -> Path:
+    """results/<dataset>/<method>/seed<seed>/on_<target>: that run's scores on another dataset's test pairs."""
+    return run_dir(results_dir, dataset_id, method_id, seed) / f"on_{target_id}"
+
+
+def target_dir(results_dir, dataset_id: str, target_id: str) -> Path:
+    """results/<dataset>/on_<target>: the leaderboard of the runs trained on ``dataset_id``, on ``target_id``."""
+    return Path(results_dir) / dataset_id / f"on_{target_id}"

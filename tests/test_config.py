@@ -28,6 +28,23 @@ def test_default_config_resolves():
     assert all(settings["recipe"][key] == value for key, value in settings["tuned"]["values"].items())
 
 
+def test_the_default_config_evaluates_embedded2d_s_runs_on_embedded2d_shift_with_embedded2d_s_tuned_values():
+    """A run registers the target with its own recipe: a classical method with the values tuned on the training
+    dataset's val split (spec/protocol.md: choices are made where the model is trained)."""
+    from regbench.workflow.config import dataset_options, evaluation_targets
+
+    config = check_config(default_config(), config_dir=CONFIG_DIR)
+    assert evaluation_targets(config, "embedded2d") == ["embedded2d_shift"]
+    assert dataset_options(config, "embedded2d_shift") == {}
+    for method in ("syn", "elastix", "voxelmorph"):
+        home = job_settings(config, "embedded2d", method, seed=1)
+        elsewhere = job_settings(config, "embedded2d", method, seed=1, evaluated_on="embedded2d_shift")
+        assert elsewhere["recipe"] == home["recipe"] and elsewhere["tuned"] == home["tuned"]
+        assert elsewhere["evaluated_on"] == "embedded2d_shift" and elsewhere["evaluated_on_options"]["seed"] == 1
+    # the target is prepared with its own options, not under 'datasets'
+    assert job_settings(config, "embedded2d_shift")["dataset_options"]["bias"] == 0.5
+
+
 SHIPPED_CONFIGS = sorted(p for p in (ROOT / "config").glob("*.yaml") if p.name != "schema.yaml")
 
 
@@ -51,6 +68,13 @@ def test_every_shipped_config_passes_the_schema_and_resolves(path):
     (lambda c: c["methods"].update(voxelmorph={"overrides": {"iterations": "many"}}), "'iterations' must be int"),
     (lambda c: c["methods"].update(voxelmorph={"recipe": "fast"}), "no recipe 'fast'"),
     (lambda c: c["datasets"].update(embedded2d={"no_such_option": 1}), "unknown option 'no_such_option'"),
+    (lambda c: c.update(evaluate_on={"embedded2d": ["embedded3d"]}),
+     r"evaluate_on > embedded2d: 'embedded3d' is 3D, 'embedded2d' is 2D"),
+    (lambda c: c.update(evaluate_on={"embedded2d": ["oasis_2d"]}), r"evaluate_on > embedded2d: unknown dataset 'oasis_2d'"),
+    (lambda c: c.update(evaluate_on={"embedded2d": ["embedded2d"]}), r"lists 'embedded2d' itself"),
+    (lambda c: c.update(evaluate_on={"oasis2d": ["embedded2d_shift"]}), r"evaluate_on > oasis2d: 'oasis2d' is not under"),
+    (lambda c: c.update(evaluate_on={"embedded2d": {"embedded2d_shift": {"n_tset": 2}}}),
+     r"evaluate_on > embedded2d: dataset 'embedded2d_shift': unknown option 'n_tset'"),
 ])
 def test_bad_names_and_values_are_named(change, message):
     config = default_config()
@@ -63,6 +87,8 @@ def test_bad_names_and_values_are_named(change, message):
     ("datasets: {embedded2d: {}}\nmethods: {identity: {}}\nseed: zero\n", "'zero' is not of type 'integer'"),
     ("datasets: {embedded2d: {}}\nmethods: {identity: {}}\nthreads: 2\n", "'threads' was unexpected"),
     ("datasets: {embedded2d: {}}\nmethods: {nope: {}}\n", "unknown method 'nope'"),
+    ("datasets: {embedded2d: {}}\nmethods: {identity: {}}\nevaluate_on: {embedded2d: [embedded3d]}\n",
+     "evaluate_on > embedded2d: 'embedded3d' is 3D, 'embedded2d' is 2D"),
 ])
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, message):
     config = tmp_path / "bad.yaml"

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_ADVICE = "Specify a conda environment or container for each rule."
-RULES = {"prepare", "syn_supervision", "train", "register", "aggregate", "report_dataset", "report", "tune_method"}
+RULES = {"prepare", "syn_supervision", "train", "register", "aggregate", "report_dataset", "report", "tune_method",
+         "register_on", "aggregate_on", "generalization"}
 
 
 def lint_items(text: str) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ import pandas as pd
 
 from regbench.evaluation import stats, uncertainty
 from regbench.io import InputError, read_json, write_csv, write_text
-from regbench.layout import run_dir
+from regbench.layout import run_dir, target_dir, target_run_dir
 
 #: columns of pairs.csv that are not metrics
 PAIR_KEYS = ("fixed", "moving")
@@ -36,8 +36,15 @@ TIMING_COLUMNS = ("runtime_s", "peak_mem_mb", "train_time_s", "train_step_s", "t
                   "l2r_score", "l2r_rank")
 
 
-def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
-                bootstrap_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def scored_dir(results_dir, dataset_id: str, method_id: str, seed: int, evaluated_on: str | None = None) -> Path:
+    """Where a run's test scores are: its own folder, or its on_<target> folder for another dataset's test pairs."""
+    if evaluated_on is None:
+        return run_dir(results_dir, dataset_id, method_id, seed)
+    return target_run_dir(results_dir, dataset_id, method_id, seed, evaluated_on)
+
+
+def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000, bootstrap_seed: int = 0,
+                evaluated_on: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(leaderboard, paired tests, every run's scores, rank distributions) of one dataset.
 
     ``runs``: method -> the seeds it was run with (a list of methods: seed 0 each), read from
@@ -49,23 +56,27 @@ def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
     after Holm correction) overall and within the class, the rank by mean Dice with its bootstrap interval and the
     probability of ranking first, overall and within the class, parameters, training time and device, and
     Learn2Reg's rank scores. Methods are compared on the same pairs only.
+
+    ``evaluated_on``: the same, for the runs trained on ``dataset_id`` scored on another dataset's test pairs
+    (results/<dataset>/<method>/seed<seed>/on_<target>/pairs.csv).
     """
     runs = {m: [0] for m in runs} if not isinstance(runs, dict) else {m: list(s) for m, s in runs.items()}
     method_ids = list(runs)
     rows, pair_lists, averaged, long = [], {}, {}, []
     for method_id, seeds in runs.items():
-        tables = {seed: read_pairs(run_dir(results_dir, dataset_id, method_id, seed)) for seed in seeds}
+        tables = {seed: read_pairs(scored_dir(results_dir, dataset_id, method_id, seed, evaluated_on))
+                  for seed in seeds}
         first = tables[seeds[0]]
         pair_lists[method_id] = list(zip(first["fixed"], first["moving"]))
         for seed, table in tables.items():
             if set(zip(table["fixed"], table["moving"])) != set(pair_lists[method_id]):
-                raise InputError(f"{run_dir(results_dir, dataset_id, method_id, seed) / 'pairs.csv'}: its test pairs "
-                                 f"differ from seed {seeds[0]}'s; every run is scored on the same pairs")
+                raise InputError(f"{scored_dir(results_dir, dataset_id, method_id, seed, evaluated_on) / 'pairs.csv'}: "
+                                 f"its test pairs differ from seed {seeds[0]}'s; every run is scored on the same pairs")
             long.append(table.assign(method=method_id, seed=seed))
         runs_table = pd.concat([t.assign(seed=s) for s, t in tables.items()], ignore_index=True)
         table = uncertainty.seed_averaged(runs_table)
         averaged[method_id] = table
-        folder = run_dir(results_dir, dataset_id, method_id, seeds[0])
+        folder = scored_dir(results_dir, dataset_id, method_id, seeds[0], evaluated_on)
         row = {"method": method_id, "supervision": _supervision(folder)}
         for column in table.columns:
             if column in PAIR_KEYS or not pd.api.types.is_numeric_dtype(table[column]):
@@ -89,8 +100,9 @@ def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
     reference = set(next(iter(pair_lists.values())))
     for method_id, pairs in pair_lists.items():
         if set(pairs) != reference:
-            raise InputError(f"{run_dir(results_dir, dataset_id, method_id, runs[method_id][0]) / 'pairs.csv'}: its "
-                             f"test pairs differ from {method_ids[0]}'s; methods must be scored on the same pairs")
+            raise InputError(f"{scored_dir(results_dir, dataset_id, method_id, runs[method_id][0], evaluated_on)}"
+                             f"/pairs.csv: its test pairs differ from {method_ids[0]}'s; methods must be scored on the "
+                             f"same pairs")
     board = pd.DataFrame(rows)
     scores = pd.concat(long, ignore_index=True)
     scores = scores[["method", "seed", *PAIR_KEYS, *[c for c in scores.columns
@@ -202,10 +214,11 @@ def failed_methods(results_dir, dataset_id: str) -> dict[str, str]:
 
 
 def write_leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000,
-                      bootstrap_seed: int = 0) -> pd.DataFrame:
-    """results/<ds>/scores.csv, ranks.csv and stats.csv, then results/<ds>/leaderboard.csv (:func:`leaderboard`)."""
-    board, tests, scores, ranks = leaderboard(results_dir, dataset_id, runs, resamples, bootstrap_seed)
-    folder = Path(results_dir) / dataset_id
+                      bootstrap_seed: int = 0, evaluated_on: str | None = None) -> pd.DataFrame:
+    """results/<ds>/scores.csv, ranks.csv and stats.csv, then results/<ds>/leaderboard.csv (:func:`leaderboard`);
+    with ``evaluated_on``, the same tables in results/<ds>/on_<target>/."""
+    board, tests, scores, ranks = leaderboard(results_dir, dataset_id, runs, resamples, bootstrap_seed, evaluated_on)
+    folder = Path(results_dir) / dataset_id if evaluated_on is None else target_dir(results_dir, dataset_id, evaluated_on)
     write_csv(folder / "scores.csv", scores)
     write_csv(folder / "ranks.csv", ranks)
     write_csv(folder / "stats.csv", tests)
@@ -262,7 +275,11 @@ def _departs(row) -> bool:
     return bool(pd.notna(count) and count > 0)
 
 
-def write_markdown(results_dir, dataset_ids: list[str]) -> str:
+def write_markdown(results_dir, dataset_ids: list[str], targets: dict[str, list[str]] | None = None) -> str:
+    """results/leaderboard.md: every dataset's leaderboard and, for those in ``targets`` (dataset -> the datasets
+    its runs also registered), the generalization table (:mod:`regbench.evaluation.generalization`)."""
+    from regbench.evaluation import generalization
+
     parts = ["# regbench leaderboard", ""]
     for dataset_id in dataset_ids:
         board = pd.read_csv(Path(results_dir) / dataset_id / "leaderboard.csv")
@@ -270,6 +287,15 @@ def write_markdown(results_dir, dataset_ids: list[str]) -> str:
         failed = failed_methods(results_dir, dataset_id)
         if failed:
             parts += ["Failed (not ranked): " + "; ".join(f"**{m}** ({why})" for m, why in failed.items()), ""]
+        table = generalization.read_generalization(results_dir, dataset_id) if (targets or {}).get(dataset_id) else None
+        if table is not None and not table.empty:
+            board_methods = set(board["method"])
+            parts += [f"### Trained on {dataset_id}, tested elsewhere", "",
+                      generalization.markdown_table(table[table["method"].isin(board_methods)]), "",
+                      "Dice: mean over the seed-averaged test pairs (95 % bootstrap interval); drop: in-domain mean "
+                      "minus the target's (positive: worse there), with its interval; rank: among these methods on "
+                      "the target. Methods without training register the target directly, with the values tuned on "
+                      f"{dataset_id}.", ""]
     parts.append("Rank: by mean Dice, with its 95 % bootstrap interval over test pairs and training seeds; learns "
                  "from: none (images only), labels (a segmentation loss), teacher (another tool's fields), classical "
                  "(no training). Each pair's score is averaged over the seeds; mean ± standard deviation over the test "

@@ -28,7 +28,8 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
                     *, net: torch.nn.Module | None = None, device: torch.device = torch.device("cpu"),
                     runtime_repeats: int = 3, label_warp: str = "nearest", split: str = "test",
                     provenance: dict | None = None, progress: bool = False,
-                    export_dir=None, mixed_precision: bool = False, recipe_name: str | None = None) -> pd.DataFrame:
+                    export_dir=None, mixed_precision: bool = False, recipe_name: str | None = None,
+                    trained_on: dict | None = None) -> pd.DataFrame:
     """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``.
 
     A method with ``precomputed = True`` (``external``) supplies each pair's displacement from files
@@ -38,6 +39,11 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     working grid (``RegistrationMethod.working_grid``) registers each pair resampled onto it, and its
     displacement is scored on the dataset's grid; eval.json records the grid, and the method's deviations from
     its paper with whether the recipe ``recipe_name`` runs with each.
+
+    ``trained_on``: the dataset ``net`` was trained on, when it is not ``dataset`` (cross-dataset evaluation):
+    ``{"id", "shape", "spacing"}`` (mm). Its images are then resampled onto the grid the network was trained on,
+    and the displacement is scored on ``dataset``'s grid (:meth:`RegistrationMethod.grid_adapter`); eval.json
+    records both datasets.
     """
     out_dir = Path(out_dir)
     precision = training_precision(device, mixed_precision, method.allows_mixed_precision)
@@ -46,7 +52,9 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
         raise ValueError(f"{dataset.root / 'pairs.csv'}: no {split} pairs")
     names = dict(zip(dataset.labels["label"], dataset.labels["name"]))
     contrast = dataset.moving_contrast(method)  # e.g. "t2": the moving subject's T2 against the fixed T1
-    adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)  # the paper's grid, where it has one
+    # the paper's grid, where it has one; for a network trained on another dataset, the grid it was trained on
+    trained_grid = (trained_on["shape"], trained_on["spacing"]) if trained_on and net is not None else None
+    adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe, trained_on=trained_grid)
     pair_rows, label_rows = [], []
     iterator = pairs.itertuples(index=False)
     if progress:
@@ -86,7 +94,8 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     write_csv(out_dir / "labels.csv", pd.DataFrame(label_rows))
     write_csv(out_dir / "pairs.csv", table)
     write_json(out_dir / "eval.json", {
-        "method": method.name, "dataset": dataset.name, "split": split, "n_pairs": len(table),
+        "method": method.name, "dataset": dataset.name, "trained_on": (trained_on or {}).get("id", dataset.name),
+        "split": split, "n_pairs": len(table),
         "label_warp": label_warp, "runtime_repeats": runtime_repeats, "device": str(device),
         "precision": precision, "moving_contrast": contrast or "image", **adapter.record(),
         "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,

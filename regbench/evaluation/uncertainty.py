@@ -99,3 +99,21 @@ def rank_distribution(ranks: pd.DataFrame) -> pd.DataFrame:
         counts = ranks[method].value_counts(normalize=True)
         rows += [{"method": method, "rank": int(rank), "share": float(share)} for rank, share in counts.items()]
     return pd.DataFrame(rows, columns=["method", "rank", "share"]).sort_values(["method", "rank"], kind="stable")
+
+
+def bootstrap_difference(first: np.ndarray, second: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """``resamples`` bootstrap samples of mean(first) - mean(second), one method scored on two sets of pairs
+    (``seeds x pairs`` each, the same seeds in the same rows, e.g. a model's own test pairs and another dataset's):
+    per replicate the seeds are drawn once for both (a seed is one trained model), the pairs of each set on their own."""
+    if first.shape[0] != second.shape[0]:
+        raise ValueError(f"the two score matrices need the same seeds; {first.shape[0]} and {second.shape[0]} rows")
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, first.shape[0], size=(resamples, first.shape[0]))
+    means = []
+    for matrix in (first, second):
+        pair_draws = rng.integers(0, matrix.shape[1], size=(resamples, matrix.shape[1]))
+        chosen = np.take_along_axis(matrix[seed_draws], pair_draws[:, None, :], axis=2)   # resamples x seeds x pairs
+        counts = np.isfinite(chosen).sum(axis=(1, 2))
+        totals = np.where(np.isfinite(chosen), chosen, 0.0).sum(axis=(1, 2))
+        means.append(np.where(counts > 0, totals / np.maximum(counts, 1), np.nan))
+    return means[0] - means[1]

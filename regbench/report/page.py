@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regbench.evaluation import aggregate
+from regbench.evaluation import aggregate, generalization
 from regbench.evaluation.stats import ALPHA, HIGHER_IS_BETTER
 from regbench.io import InputError, read_json, write_text
 from regbench.report import figures, plots, style
@@ -117,11 +117,16 @@ def write_dataset(results_dir, prepared_dir, dataset_id: str, method_ids: list[s
 
 
 def write_page(results_dir, methods: dict[str, list[str]], data_dir="data", command: str | None = None,
-               config_hash: str | None = None) -> Path:
-    """results/report/index.html (figures embedded) and results/leaderboard.md."""
+               config_hash: str | None = None, targets: dict[str, list[str]] | None = None) -> Path:
+    """results/report/index.html (figures embedded) and results/leaderboard.md.
+
+    ``targets``: dataset -> the datasets its runs also registered (config ``evaluate_on``), whose generalization
+    table (results/<dataset>/generalization.csv) the page and the Markdown show."""
     results_dir = Path(results_dir)
-    aggregate.write_markdown(results_dir, list(methods))
-    sections = [DatasetSection(results_dir, d, ms, Path(data_dir) / d / "prepared") for d, ms in methods.items()]
+    targets = {d: list((targets or {}).get(d, [])) for d in methods}
+    aggregate.write_markdown(results_dir, list(methods), targets)
+    sections = [DatasetSection(results_dir, d, ms, Path(data_dir) / d / "prepared", targets[d])
+                for d, ms in methods.items()]
     nav = "".join(f'<a href="#{html.escape(s.anchor)}">{html.escape(s.dataset_id)}</a>' for s in sections)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     all_methods = list(dict.fromkeys(m for ms in methods.values() for m in ms))
@@ -148,8 +153,17 @@ def write_report(results_dir, dataset_ids: list[str], methods: dict[str, list[st
 class DatasetSection:
     """What the report shows of one dataset, read from results/<dataset>/ and results/report/<dataset>/."""
 
-    def __init__(self, results_dir, dataset_id: str, method_ids: list[str], prepared_dir=None):
+    def __init__(self, results_dir, dataset_id: str, method_ids: list[str], prepared_dir=None,
+                 targets: list[str] | None = None):
         self.results_dir, self.dataset_id = Path(results_dir), dataset_id
+        self.targets = list(targets or [])
+        self.generalization = None
+        if self.targets:
+            self.generalization = generalization.read_generalization(self.results_dir, dataset_id)
+            if self.generalization is None:
+                raise InputError(f"{self.results_dir / dataset_id / 'generalization.csv'}: not found; run "
+                                 f"`regbench generalization` for {dataset_id} first")
+            self.generalization = self.generalization[self.generalization["method"].isin(method_ids)]
         self.anchor = f"dataset-{dataset_id}"
         folder = self.results_dir / dataset_id
         if not (folder / "leaderboard.csv").exists():
@@ -457,7 +471,63 @@ class DatasetSection:
                 f"<p class='meta'>{html.escape(self.summary())}</p>"
                 + "".join(f"<p class='failed'>Failed, not ranked: <b>{html.escape(m)}</b> ({html.escape(why)})</p>"
                           for m, why in self.failed.items())
-                + self.tables_html(heading="Leaderboard") + self.figures_html() + "</section>")
+                + self.tables_html(heading="Leaderboard") + self.generalization_html() + self.figures_html()
+                + "</section>")
+
+    def generalization_html(self) -> str:
+        """The runs trained on this dataset on every evaluate_on target: Dice, its drop from in-domain, the rank
+        there; each dataset's MI(intensity; labels) in its header."""
+        table = self.generalization
+        if table is None or table.empty:
+            return ""
+        datasets = [self.dataset_id, *self.targets]
+        mi = table.drop_duplicates("evaluated_on").set_index("evaluated_on")["pair_mi"].to_dict()
+
+        def header(dataset, label):
+            value = mi.get(dataset, np.nan)
+            bits = "" if pd.isna(value) else f"<span class='s'>MI(i; s) {value:.2f} bits</span>"
+            return f"<th colspan='{1 if dataset == self.dataset_id else 3}'>{html.escape(dataset)} ({label}){bits}</th>"
+
+        head = ("<tr><th rowspan='2' class='method'>method</th><th rowspan='2' class='class'>learns from</th>"
+                + "".join(header(d, "in domain" if d == self.dataset_id else "target") for d in datasets)
+                + "</tr><tr><th>Dice</th>" + "<th>Dice</th><th>drop</th><th>rank</th>" * len(self.targets) + "</tr>")
+        body = []
+        for method, rows in table.groupby("method", sort=False):
+            rows = rows.set_index("evaluated_on")
+            home = rows.loc[self.dataset_id]
+            color = _hex(self.colors.get(method, (0, 0, 0)))
+            cells = [f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
+                     f"{html.escape(aggregate.method_label(home.to_dict() | {'method': method}))}</th>",
+                     f"<td class='text class'>{html.escape(str(home.get('supervision', '–')))}</td>",
+                     _dice_cell(home)]
+            for target in self.targets:
+                if target not in rows.index:
+                    cells.append("<td class='num' colspan='3'>failed</td>")
+                    continue
+                row = rows.loc[target]
+                cells += [_dice_cell(row),
+                          f"<td class='num' title='in-domain mean Dice minus this one; 95 % bootstrap interval'>"
+                          f"{row['dice_drop']:+.3f}<span class='s'>{row['dice_drop_ci_low']:+.3f} to "
+                          f"{row['dice_drop_ci_high']:+.3f}</span></td>",
+                          f"<td class='num'>{html.escape(aggregate.rank_text(row))}</td>"]
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        failed = generalization.failed_on_targets(self.results_dir, self.dataset_id, self.targets)
+        failures = "".join(f"<p class='failed'>Failed on {html.escape(t)}: <b>{html.escape(m)}</b> ({html.escape(why)})</p>"
+                           for t, methods in failed.items() for m, why in methods.items())
+        note = ("<p class='note'>Every run trained on this dataset also registered the test pairs of the datasets on "
+                "the right (config <code>evaluate_on</code>), their images resampled onto the grid the network was "
+                "trained on where the grids differ; methods without training registered them directly, with the "
+                "values tuned on this dataset. Dice: mean over the seed-averaged test pairs, below it the 95 % "
+                "bootstrap interval over pairs and seeds; drop: the in-domain mean minus the target's (positive: "
+                "worse on the target), with its 95 % bootstrap interval; rank: by mean Dice among these methods on "
+                "the target, with its interval. MI(i; s): mean over the dataset's test pairs of the mutual "
+                "information between a voxel's intensity and its label (a pair: the mean of its two images'), how "
+                "much the intensities say about the labels. results/" + html.escape(self.dataset_id)
+                + "/generalization.csv holds the table, results/" + html.escape(self.dataset_id)
+                + "/on_&lt;target&gt;/ each target's full leaderboard.</p>")
+        return ("<h3>Generalization: trained here, tested elsewhere</h3>" + failures
+                + f"<div class='table-wrap'><table class='leaderboard generalization'><thead>{head}</thead>"
+                  f"<tbody>{''.join(body)}</tbody></table></div>" + note)
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -572,6 +642,15 @@ border-radius:3px}
 """
 
 
+def _dice_cell(row) -> str:
+    """Mean Dice and its 95 % bootstrap interval beneath it."""
+    if pd.isna(row.get("dice_mean", np.nan)):
+        return "<td class='num'>–</td>"
+    interval = "" if pd.isna(row.get("dice_ci_low", np.nan)) else \
+        f"<span class='s'>{row['dice_ci_low']:.3f} to {row['dice_ci_high']:.3f}</span>"
+    return f"<td class='num'>{row['dice_mean']:.3f}{interval}</td>"
+
+
 def _page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -640,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the command line that ran the workflow, for the provenance (default: $REGBENCH_COMMAND, which "
                         "the workflow sets)")
     p.add_argument("--config-hash", help="the hash of the run's resolved config, for the provenance")
+    p.add_argument("--targets", help='JSON: {"dataset": ["other dataset", ...]}, the evaluate_on targets of each')
     args = parser.parse_args(argv)
     try:
         if args.step == "dataset":
@@ -647,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
             write_dataset(args.results, args.prepared, args.dataset, args.methods.split(","), settings,
                           args.lock or None)
         else:
-            write_page(args.results, json.loads(args.methods), args.data, args.command, args.config_hash)
+            write_page(args.results, json.loads(args.methods), args.data, args.command, args.config_hash,
+                       json.loads(args.targets) if args.targets else None)
     except (InputError, ValueError) as err:
         print(f"regbench report: error: {err}", file=sys.stderr)
         return 2

@@ -83,14 +83,22 @@ def cmd_register(args) -> None:
     dataset = PreparedDataset(args.prepared)
     recipe = settings["recipe"]
     net = None
-    failed = read_failure(Path(args.out))
-    if failed is not None:  # training failed and on_failure is skip: the failure passes on to the leaderboard
+    run = Path(args.run or args.out)   # the training run whose model registers
+    failed = read_failure(run)
+    if failed is not None and (run == Path(args.out) or failed["step"] == "train"):
+        # training failed and on_failure is skip: the failure passes on to the leaderboard
         record_failure(Path(args.out), settings["method"], failed["step"], failed["error"], evaluation=True)
         return
+    trained_on = None
+    if args.trained_on:   # a run of another dataset registers this one's test pairs
+        from regbench.io import read_json
+
+        info = read_json(Path(args.trained_on) / "dataset.json")
+        trained_on = {"id": info["id"], "shape": info["shape"], "spacing": info["spacing"]}
     try:
         if method.trainable:
-            net, recipe = load_trained(method, Path(args.out) / "model.pt", device)
-        table = _register(args, settings, method, recipe, dataset, net, device)
+            net, recipe = load_trained(method, run / "model.pt", device)
+        table = _register(args, settings, method, recipe, dataset, net, device, trained_on)
     except Exception as err:
         if settings.get("on_failure", "stop") != "skip":
             raise
@@ -99,7 +107,7 @@ def cmd_register(args) -> None:
     log.info("%s: mean Dice %.4f over %d pairs", method.name, table["dice"].mean(), len(table))
 
 
-def _register(args, settings, method, recipe, dataset, net, device):
+def _register(args, settings, method, recipe, dataset, net, device, trained_on=None):
     from regbench.evaluation.scoring import evaluate_method
     from regbench.runtime import provenance
 
@@ -109,7 +117,7 @@ def _register(args, settings, method, recipe, dataset, net, device):
                             provenance=provenance(settings, device), progress=True,
                             export_dir=Path(args.out) / "displacements" if settings["evaluation"].get("export_displacements") else None,
                             mixed_precision=settings.get("mixed_precision", False),
-                            recipe_name=settings.get("recipe_name"))
+                            recipe_name=settings.get("recipe_name"), trained_on=trained_on)
 
 
 def record_failure(out: Path, method_id: str, step: str, error, evaluation: bool = False) -> None:
@@ -242,9 +250,9 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_aggregate(args) -> None:
-    from regbench.evaluation.aggregate import write_leaderboard
+    from regbench.evaluation.aggregate import scored_dir, write_leaderboard
     from regbench.io import write_json
-    from regbench.layout import run_dir
+    from regbench.layout import target_dir
     from regbench.runtime import provenance
 
     methods = args.methods.split(",")
@@ -253,16 +261,27 @@ def cmd_aggregate(args) -> None:
     failed = {}
     for method in methods:  # a method that failed in one run is not ranked: its runs would not be comparable
         for seed in seeds[method]:
-            record = read_failure(run_dir(args.results, args.dataset, method, seed))
+            record = read_failure(scored_dir(args.results, args.dataset, method, seed, args.on))
             if record and method not in failed:
                 failed[method] = f"seed {seed}, {record['step']}: {record['error']}"
     ranked = {m: seeds[m] for m in methods if m not in failed}
     board = write_leaderboard(args.results, args.dataset, ranked, resamples=int(bootstrap["resamples"]),
-                              bootstrap_seed=int(bootstrap["seed"]))
-    write_json(Path(args.results) / args.dataset / "leaderboard.json",
+                              bootstrap_seed=int(bootstrap["seed"]), evaluated_on=args.on)
+    folder = Path(args.results) / args.dataset if args.on is None else target_dir(args.results, args.dataset, args.on)
+    write_json(folder / "leaderboard.json",
                {"methods": methods, "seeds": seeds, "failed": failed, "bootstrap": bootstrap,
-                "provenance": provenance({"dataset": args.dataset})})
+                **({"evaluated_on": args.on} if args.on else {}),
+                "provenance": provenance({"dataset": args.dataset, "evaluated_on": args.on})})
     print(board.to_string(index=False, max_cols=12))
+
+
+def cmd_generalization(args) -> None:
+    from regbench.evaluation.generalization import write_generalization
+
+    bootstrap = json.loads(args.bootstrap) if args.bootstrap else {"resamples": 1000, "seed": 0}
+    table = write_generalization(args.results, args.dataset, [t for t in args.targets.split(",") if t], args.data,
+                                 resamples=int(bootstrap["resamples"]), bootstrap_seed=int(bootstrap["seed"]))
+    print(table[["method", "evaluated_on", "dice_mean", "dice_drop", "rank"]].to_string(index=False))
 
 
 def cmd_report(args) -> None:
@@ -331,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("register", help="register and score every test pair with one method")
     p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True, help="results/<dataset>/<method>/seed<seed>")
+    p.add_argument("--out", required=True, help="results/<dataset>/<method>/seed<seed>, or its on_<target> folder")
     p.add_argument("--settings", required=True)
+    p.add_argument("--run", help="the training run whose model registers (default: --out); with --trained-on, "
+                                 "results/<trained on>/<method>/seed<seed>")
+    p.add_argument("--trained-on", help="the prepared folder of the dataset the run was trained on, when --prepared is "
+                                        "another one (cross-dataset evaluation: resampled onto the training grid)")
     p.set_defaults(func=cmd_register)
 
     p = commands.add_parser("tune", help="tune one method on one prepared dataset's val split (Optuna, resumable)")
@@ -364,7 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, help="comma-separated method ids")
     p.add_argument("--seeds", help='JSON: {"method": [seeds]}, the runs of each method (default: seed 0 each)')
     p.add_argument("--bootstrap", help='JSON: {"resamples": 1000, "seed": 0}')
+    p.add_argument("--on", help="another dataset whose test pairs the runs registered (evaluate_on): write "
+                                "results/<dataset>/on_<target>/leaderboard.csv from their on_<target> scores")
     p.set_defaults(func=cmd_aggregate)
+
+    p = commands.add_parser("generalization", help="write results/<dataset>/generalization.csv: the runs trained on "
+                                                   "a dataset, on it and on every evaluate_on target")
+    p.add_argument("--results", required=True)
+    p.add_argument("--dataset", required=True, help="the dataset the runs were trained on")
+    p.add_argument("--targets", required=True, help="comma-separated ids of the other datasets they registered")
+    p.add_argument("--data", default="data", help="the data folder (each dataset's prepared pairs.csv: MI per pair)")
+    p.add_argument("--bootstrap", help='JSON: {"resamples": 1000, "seed": 0}')
+    p.set_defaults(func=cmd_generalization)
 
     p = commands.add_parser("report", help="write results/leaderboard.md, the figures and the HTML report")
     p.add_argument("--results", required=True)

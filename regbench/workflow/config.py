@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "tuning": {"trials": 12, "fraction": 1.0, "max_fold_pct": 0.5, "seed": 0},
     # dataset id -> lock file of tuned values (relative to the folder of the config file that names it)
     "tuned": {},
+    # dataset id (trained on) -> other datasets whose test pairs its runs also register: {target: options}
+    # (a list in the config: every target with its default options)
+    "evaluate_on": {},
 }
 
 
@@ -56,6 +59,8 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     if resolved["seeds"] is None:
         resolved["seeds"] = [resolved["seed"]]
     resolved["methods"] = {k: dict(v or {}) for k, v in resolved.get("methods", {}).items()}
+    resolved["evaluate_on"] = {k: ({t: {} for t in v} if isinstance(v, list) else {t: dict(o or {}) for t, o in v.items()})
+                               for k, v in (resolved.get("evaluate_on") or {}).items()}
     return resolved
 
 
@@ -100,6 +105,7 @@ def check_config(config: dict[str, Any], source: str = "the config", schema=None
             plugins.load_dataset(dataset_id).resolve_options(options)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
+    _check_evaluate_on(resolved, source)
     known_methods = plugins.method_ids()
     for method_id, entry in resolved["methods"].items():
         if method_id not in known_methods:
@@ -119,6 +125,52 @@ def check_config(config: dict[str, Any], source: str = "the config", schema=None
         if plugins.load_method(method_id).trainable:
             _check_training_keys(recipe, method_id, source)
     return resolved
+
+
+def _check_evaluate_on(config: dict[str, Any], source: str) -> None:
+    """Every ``evaluate_on`` entry: a dataset of the config, trained on; targets that exist, have its number of
+    dimensions, are not itself, and take options that are known and, for a dataset also under ``datasets``, the same."""
+    known = plugins.dataset_ids()
+    for dataset_id, targets in config["evaluate_on"].items():
+        if dataset_id not in config["datasets"]:
+            raise ConfigError(f"{source}: evaluate_on > {dataset_id}: {dataset_id!r} is not under 'datasets' "
+                              f"(a model is evaluated elsewhere only where it is trained)")
+        ndim = plugins.load_dataset(dataset_id).ndim
+        for target, options in targets.items():
+            where = f"{source}: evaluate_on > {dataset_id}"
+            if target not in known:
+                raise ConfigError(f"{where}: unknown dataset {target!r}; known: {', '.join(known)}")
+            if target == dataset_id:
+                raise ConfigError(f"{where}: lists {target!r} itself (its own test pairs are always scored)")
+            if plugins.load_dataset(target).ndim != ndim:
+                raise ConfigError(f"{where}: {target!r} is {plugins.load_dataset(target).ndim}D, {dataset_id!r} is "
+                                  f"{ndim}D: a model registers images of the number of dimensions it was trained on")
+            try:
+                resolved = plugins.load_dataset(target).resolve_options(options)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            if target in config["datasets"] and options and \
+                    resolved != plugins.load_dataset(target).resolve_options(config["datasets"][target]):
+                raise ConfigError(f"{where}: {target!r} has other options under 'datasets'; give them in one place")
+            for other, other_targets in config["evaluate_on"].items():
+                if target in other_targets and other_targets[target] != options and target not in config["datasets"]:
+                    raise ConfigError(f"{where}: {target!r} has other options under evaluate_on > {other}; "
+                                      f"give them in one place")
+
+
+def evaluation_targets(config: dict[str, Any], dataset_id: str) -> list[str]:
+    """The datasets whose test pairs the runs trained on ``dataset_id`` also register (config ``evaluate_on``)."""
+    return list((config.get("evaluate_on") or {}).get(dataset_id, {}))
+
+
+def dataset_options(config: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    """The options of a dataset the config trains on (``datasets``) or only evaluates on (``evaluate_on``)."""
+    if dataset_id in config["datasets"]:
+        return config["datasets"][dataset_id]
+    for targets in (config.get("evaluate_on") or {}).values():
+        if dataset_id in targets:
+            return targets[dataset_id]
+    raise KeyError(f"dataset {dataset_id!r} is neither under 'datasets' nor under 'evaluate_on' in the config")
 
 
 def _check_training_keys(recipe: dict[str, Any], method_id: str, source: str) -> None:
@@ -158,15 +210,16 @@ def method_seeds(config: dict[str, Any], method_id: str) -> list[int]:
 
 
 def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None = None,
-                 tuned: bool = True, seed: int | None = None) -> dict[str, Any]:
+                 tuned: bool = True, seed: int | None = None, evaluated_on: str | None = None) -> dict[str, Any]:
     """Everything one job needs to reproduce its outputs (its hash is the provenance's config hash).
 
     ``tuned``: the recipe takes the dataset's lock-file values (``tuned``: which values, from which file, and the
     config's overrides of them); False for the tuning itself, which starts from the recipe. ``seed``: the run's
-    training seed (one of ``seeds``; default: ``seed``)."""
+    training seed (one of ``seeds``; default: ``seed``). ``evaluated_on``: the run of ``dataset_id`` registers that
+    dataset's test pairs (``evaluate_on``); the settings name it and its options."""
     settings = {
         "dataset": dataset_id,
-        "dataset_options": plugins.load_dataset(dataset_id).resolve_options(config["datasets"][dataset_id]),
+        "dataset_options": plugins.load_dataset(dataset_id).resolve_options(dataset_options(config, dataset_id)),
         "seed": int(config["seed"] if seed is None else seed),
         "device": config["device"],
         "torch_threads": config["torch_threads"],
@@ -185,6 +238,10 @@ def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None 
             settings["tuned"] = {"file": config["tuned"][dataset_id], "values": values, "overridden": overridden}
         if not tuned:
             settings["tuning"] = config["tuning"]
+    if evaluated_on is not None:
+        settings["evaluated_on"] = evaluated_on
+        settings["evaluated_on_options"] = plugins.load_dataset(evaluated_on).resolve_options(
+            dataset_options(config, evaluated_on))
     return settings
 
 

@@ -8,7 +8,8 @@ import sys
 from regbench import plugins
 from regbench.training.supervision import DEFAULT_PAIRS, SUPERVISOR
 from regbench.runtime import config_hash
-from regbench.workflow.config import ConfigError, is_trainable, job_settings, method_recipe, method_seeds
+from regbench.workflow.config import (ConfigError, evaluation_targets, is_trainable, job_settings, method_recipe,
+                                      method_seeds)
 
 # Jobs call `regbench` and `python` of the environment that runs Snakemake, activated or not: its bin folder
 # leads the PATH of every shell command (a cluster job's too, which runs this file again in its own Python).
@@ -31,6 +32,7 @@ wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     method="[A-Za-z0-9_]+",
     seed="[0-9]+",
+    target="[A-Za-z0-9_]+",
 
 
 def settings_json(wildcards):
@@ -47,6 +49,38 @@ SEEDS = {m: method_seeds(CONFIG, m) for m in METHODS}
 def run_files(name, dataset="{dataset}"):
     """Every run's ``name`` (pairs.csv, labels.csv, ...) of every method: results/<dataset>/<method>/seed<k>/name."""
     return [f"{RESULTS}/{dataset}/{m}/seed{s}/{name}" for m in METHODS for s in SEEDS[m]]
+
+
+# ------------------------------------------------------------------------------ other datasets' test pairs
+
+#: dataset trained on -> the datasets whose test pairs its runs also register (config evaluate_on)
+TARGETS = {d: evaluation_targets(CONFIG, d) for d in DATASETS}
+
+
+def target_settings_json(wildcards):
+    """A run's settings (its training dataset's recipe and tuned values) and the target it registers."""
+    settings = job_settings(CONFIG, wildcards.dataset, wildcards.method, seed=int(wildcards.seed),
+                            evaluated_on=wildcards.target)
+    return json.dumps(settings, sort_keys=True)
+
+
+def target_run_files(wildcards):
+    """Every run's pairs.csv on one target: results/<dataset>/<method>/seed<k>/on_<target>/pairs.csv."""
+    return [f"{RESULTS}/{wildcards.dataset}/{m}/seed{s}/on_{wildcards.target}/pairs.csv"
+            for m in METHODS for s in SEEDS[m]]
+
+
+def target_tables(wildcards):
+    """What the generalization table of a dataset reads: each target's leaderboard and scores, and every scored
+    dataset's prepared pairs.csv (MI per pair)."""
+    targets = TARGETS[wildcards.dataset]
+    return ([f"{RESULTS}/{wildcards.dataset}/on_{t}/{name}" for t in targets for name in ("leaderboard.csv", "scores.csv")]
+            + [f"{DATA}/{d}/prepared/dataset.json" for d in [wildcards.dataset, *targets]])
+
+
+def generalization_tables(wildcards=None):
+    """results/<dataset>/generalization.csv of every dataset that the config evaluates elsewhere."""
+    return [f"{RESULTS}/{d}/generalization.csv" for d in DATASETS if TARGETS[d]]
 
 
 def prepared_folder(wildcards, input):

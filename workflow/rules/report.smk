@@ -48,6 +48,7 @@ rule report:
         boards=expand(f"{RESULTS}/{{dataset}}/leaderboard.csv", dataset=DATASETS),
         figures=expand(f"{RESULTS}/report/{{dataset}}/figures.json", dataset=DATASETS),
         tables=expand(f"{RESULTS}/report/{{dataset}}/leaderboard.html", dataset=DATASETS),
+        generalization=generalization_tables,
     output:
         markdown=f"{RESULTS}/leaderboard.md",
         html=report(f"{RESULTS}/report/index.html", caption="../report/index.rst", category="Report",
@@ -56,6 +57,7 @@ rule report:
         results=lambda wildcards, output: os.path.dirname(output.markdown),
         data=DATA,
         methods=json.dumps({dataset: METHODS for dataset in DATASETS}),
+        targets=json.dumps(TARGETS),
         config_hash=config_hash(CONFIG),
     resources:
         **job_resources("report"),
@@ -63,4 +65,4 @@ rule report:
         f"{RESULTS}/logs/report.log",
     shell:
         "python -m regbench.report.page page --results {params.results} --data {params.data}"
-        " --methods {params.methods:q} --config-hash {params.config_hash} > {log} 2>&1"
+        " --methods {params.methods:q} --targets {params.targets:q} --config-hash {params.config_hash} > {log} 2>&1"
