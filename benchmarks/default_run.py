@@ -4,7 +4,9 @@ Prints the wall time of each run, the mean test Dice of every method with its bo
 and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart from timing columns.
 Each run starts in an empty working directory, as on a clean clone. With --readme, the figures table of the
 README (between its <!-- default-run --> markers) is rewritten from the first run's leaderboard, with the
-commit and the wall time that produced it: the README's numbers are always a run's, never typed in.
+commit and the wall time that produced it: the README's numbers are always a run's, never typed in. Where the
+config evaluates the runs on other datasets (``evaluate_on``), the generalization table of the first dataset is
+written between the <!-- default-run-generalization --> markers the same way.
 
     python benchmarks/default_run.py [--configfile config/config.yaml] [--runs 1] [--readme README.md]
 """
@@ -66,13 +68,27 @@ def figures_table(board: pd.DataFrame, stats: pd.DataFrame, seconds: float, comm
     return "\n".join(lines)
 
 
+def generalization_figures(table: pd.DataFrame, commit: str, configfile: Path) -> str:
+    """The README's generalization table (regbench.evaluation.generalization.markdown_table) and what produced it."""
+    from regbench.evaluation.generalization import markdown_table
+
+    home = table["trained_on"].iloc[0]
+    return (markdown_table(table) + "\n\n"
+            f"Measured by `python benchmarks/default_run.py --readme README.md` at commit `{commit[:12]}` "
+            f"(`{configfile.relative_to(ROOT) if configfile.is_relative_to(ROOT) else configfile}`): every run "
+            f"trained on {home}, on its own test pairs and on each target's; classical methods register each target "
+            f"directly with {home}'s tuned values. Dice: mean over the seed-averaged test pairs (95 % bootstrap "
+            f"interval); drop: in-domain mean minus the target's (positive: worse there), with its interval; rank: "
+            f"among these methods on the target (results/{home}/generalization.csv).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", type=Path, default=ROOT / "config" / "config.yaml")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--readme", type=Path, help="rewrite this README's figures table from the first run")
     args = parser.parse_args()
-    boards, seconds = [], []
+    boards, seconds, generalization = [], [], None
     commit = git_commit(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
@@ -87,6 +103,10 @@ def main() -> None:
                     print(f"  {board_path.parent.name}: {rank_text(row):>9} {method_label(row):34s} "
                           f"Dice {row['dice_mean']:.4f} [{row['dice_ci_low']:.4f}, {row['dice_ci_high']:.4f}] "
                           f"seed std {row['dice_seed_std']:.4f} ({row['supervision']})")
+            tables = sorted((workdir / "results").glob("*/generalization.csv"))
+            if run == 0 and tables:
+                generalization = pd.read_csv(tables[0])
+                print(generalization[["method", "evaluated_on", "dice_mean", "dice_drop", "rank"]].to_string(index=False))
     if args.runs > 1:
         by_dataset: dict[str, list[pd.DataFrame]] = {}
         for dataset, _, board, _ in boards:
@@ -98,6 +118,9 @@ def main() -> None:
     if args.readme:
         write_between_markers(args.readme, "default-run",
                               figures_table(boards[0][2], boards[0][3], seconds[0], commit, args.configfile.resolve()))
+        if generalization is not None:
+            write_between_markers(args.readme, "default-run-generalization",
+                                  generalization_figures(generalization, commit, args.configfile.resolve()))
         print(f"wrote the figures of run 1 into {args.readme}")
 
 

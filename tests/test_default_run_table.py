@@ -39,3 +39,20 @@ def test_the_readme_table_prints_each_row_s_p():
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert "| 0.030 |" in rows["syn"] and "| 4.0e-04 |" in rows["voxelmorph"] and "| – |" in rows["identity"]
     assert "10.0 min" in table and "0123456789ab" in table
+
+
+def test_the_readme_generalization_table_gives_each_method_its_target_dice_drop_and_rank():
+    rows = []
+    for method, supervision, home, target, rank in (("syn", "classical", 0.86, 0.84, 1), ("voxelmorph", "none", 0.75,
+                                                                                          0.61, 2)):
+        for scored_on, dice in (("embedded2d", home), ("embedded2d_shift", target)):
+            rows.append({"method": method, "supervision": supervision, "trained_on": "embedded2d",
+                         "evaluated_on": scored_on, "dice_mean": dice, "dice_ci_low": dice - 0.01,
+                         "dice_ci_high": dice + 0.01, "dice_drop": home - dice, "dice_drop_ci_low": home - dice - 0.02,
+                         "dice_drop_ci_high": home - dice + 0.02, "rank": rank, "rank_low": rank, "rank_high": rank,
+                         "pair_mi": 1.14 if scored_on == "embedded2d" else 0.98})
+    text = default_run.generalization_figures(pd.DataFrame(rows), "0123456789abcdef", ROOT / "config" / "config.yaml")
+    line = next(l for l in text.splitlines() if l.startswith("| voxelmorph |"))
+    assert line == ("| voxelmorph | none | 0.750 (0.740 to 0.760) | 0.610 (0.600 to 0.620) | +0.140 (+0.120 to +0.160) "
+                    "| 2 |")
+    assert "embedded2d 1.14 bits, embedded2d_shift 0.98 bits" in text and "0123456789ab" in text
