@@ -245,3 +245,28 @@ def test_the_lock_file_s_own_change_does_not_mark_the_commit_dirty(tmp_path):
     assert len(clean) == 40 and git_commit(tmp_path).endswith("-dirty")
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path, ignoring=(tmp_path / "lock.yaml",)).endswith("-dirty")
+
+
+def test_an_update_tunes_one_method_into_a_lock_and_keeps_the_others_as_tuned(small_embedded2d, tmp_path, capsys):
+    from regbench.workflow.cli import main
+
+    choice = _tune(small_embedded2d, tmp_path / "study", trials=2)
+    lock_path = tmp_path / "embedded2d.yaml"
+    write_lock(lock_path, "embedded2d", [choice], {"commit": "abc", "date": "yesterday"})
+    added = {**choice, "method": "added", "chosen": {"lr": 0.5, "weight": 1.5}}
+    (tmp_path / "added.json").write_text(json.dumps(added))
+    assert main(["lock", "--dataset", "embedded2d", "--out", str(lock_path), "--update",
+                 str(tmp_path / "added.json")]) == 0
+    lock = read_lock(lock_path, "embedded2d")
+    assert list(lock["methods"]) == ["shift", "added"]
+    assert lock["methods"]["shift"]["made"] == {"commit": "abc", "date": "yesterday"}   # tuned by the earlier write
+    assert lock["methods"]["shift"]["chosen"] == {k: pytest.approx(v, rel=1e-5) for k, v in choice["chosen"].items()}
+    assert "made" not in lock["methods"]["added"] and lock["made"]["commit"] != "abc"
+    assert lock["methods"]["added"]["chosen"] == {"lr": 0.5, "weight": 1.5}
+    # a method tuned with another budget cannot join the lock, which stays as it was
+    (tmp_path / "other.json").write_text(json.dumps({**added, "method": "other",
+                                                     "budget": {**added["budget"], "trials": 5}}))
+    before = lock_path.read_text()
+    assert main(["lock", "--dataset", "embedded2d", "--out", str(lock_path), "--update",
+                 str(tmp_path / "other.json")]) == 2
+    assert "different budgets" in capsys.readouterr().err and lock_path.read_text() == before

@@ -64,11 +64,24 @@ def write_lock(path, dataset_id: str, choices: list[dict[str, Any]], made: dict[
                 "iterations": c["budget"].get("iterations", {}), "seconds": round(float(c["seconds"]), 1),
                 "trials": [{k: (_round(v) if isinstance(v, float) else v) for k, v in row.items()}
                            for row in c["trials"]],
+                **({"made": c["made"]} if "made" in c else {}),  # tuned before this write (kept by an update)
             } for c in choices
         },
     }
     write_text(path, HEADER + yaml.safe_dump(lock, sort_keys=False, width=118))
     return lock
+
+
+def choices_in_lock(lock: dict[str, Any]) -> list[dict[str, Any]]:
+    """The choice.json records a lock file was written from, each with the ``made`` of the write that tuned it:
+    what an update (``regbench lock --update``) keeps for the methods it does not tune again."""
+    budget = {k: v for k, v in lock["budget"].items() if k != "val_pairs"}
+    return [{"method": method_id, "chosen": entry["chosen"], "val_dice": entry["val_dice"],
+             "val_fold_pct": entry["val_fold_pct"], "status": entry["status"], "trial": entry["trial"],
+             "search_space": entry["search_space"], "budget": {**budget, "iterations": entry["iterations"]},
+             "val_pairs": lock["budget"]["val_pairs"], "seconds": entry["seconds"], "trials": entry["trials"],
+             "made": entry.get("made", lock["made"])}
+            for method_id, entry in lock["methods"].items()]
 
 
 def _round(value: float) -> float:

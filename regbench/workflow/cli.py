@@ -207,9 +207,12 @@ def cmd_lock(args) -> None:
 
     from regbench.io import read_json
     from regbench.runtime import git_commit
-    from regbench.tuning.lock import write_lock
+    from regbench.tuning.lock import choices_in_lock, read_lock, write_lock
 
     choices = [read_json(path) for path in args.choices]
+    if args.update:  # the lock's other methods stay as they were tuned, each with the commit that tuned it
+        retuned = {choice["method"] for choice in choices}
+        choices = [c for c in choices_in_lock(read_lock(args.out, args.dataset)) if c["method"] not in retuned] + choices
     # the lock file's own change (snakemake removes it before the job rewrites it) does not make the code dirty
     made = {"commit": git_commit(ignoring=(args.out,)), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": os.environ.get("REGBENCH_COMMAND") or "snakemake --cores all tune"}
@@ -368,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("lock", help="write a tuning lock file from every method's choice.json")
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True, help="the lock file (config/tuned/<dataset>.yaml)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the existing lock's methods that no choice.json is given for (a method added to a "
+                        "tuned config: tune it alone, then update the lock); the budgets must agree")
     p.add_argument("choices", nargs="*", help="results/tuning/<dataset>/<method>/choice.json, one a method")
     p.set_defaults(func=cmd_lock)
 
