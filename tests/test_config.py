@@ -75,6 +75,9 @@ def test_every_shipped_config_passes_the_schema_and_resolves(path):
     (lambda c: c.update(evaluate_on={"oasis2d": ["embedded2d_shift"]}), r"evaluate_on > oasis2d: 'oasis2d' is not under"),
     (lambda c: c.update(evaluate_on={"embedded2d": {"embedded2d_shift": {"n_tset": 2}}}),
      r"evaluate_on > embedded2d: dataset 'embedded2d_shift': unknown option 'n_tset'"),
+    (lambda c: c.update(datasets={"embedded2d": {}, "embedded2d_shift": {"n_test": 3}},
+                        evaluate_on={"embedded2d": {"embedded2d_shift": {"n_test": 2}}}),
+     r"'embedded2d_shift' has other options under 'datasets'; give them in one place"),
 ])
 def test_bad_names_and_values_are_named(change, message):
     config = default_config()

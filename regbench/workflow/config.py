@@ -131,6 +131,7 @@ def _check_evaluate_on(config: dict[str, Any], source: str) -> None:
     """Every ``evaluate_on`` entry: a dataset of the config, trained on; targets that exist, have its number of
     dimensions, are not itself, and take options that are known and, for a dataset also under ``datasets``, the same."""
     known = plugins.dataset_ids()
+    given: dict[str, dict] = {}   # target -> the options first given for it under evaluate_on
     for dataset_id, targets in config["evaluate_on"].items():
         if dataset_id not in config["datasets"]:
             raise ConfigError(f"{source}: evaluate_on > {dataset_id}: {dataset_id!r} is not under 'datasets' "
@@ -152,10 +153,9 @@ def _check_evaluate_on(config: dict[str, Any], source: str) -> None:
             if target in config["datasets"] and options and \
                     resolved != plugins.load_dataset(target).resolve_options(config["datasets"][target]):
                 raise ConfigError(f"{where}: {target!r} has other options under 'datasets'; give them in one place")
-            for other, other_targets in config["evaluate_on"].items():
-                if target in other_targets and other_targets[target] != options and target not in config["datasets"]:
-                    raise ConfigError(f"{where}: {target!r} has other options under evaluate_on > {other}; "
-                                      f"give them in one place")
+            if target not in config["datasets"] and given.setdefault(target, options) != options:
+                raise ConfigError(f"{where}: {target!r} has other options under another evaluate_on entry; "
+                                  f"give them in one place")
 
 
 def evaluation_targets(config: dict[str, Any], dataset_id: str) -> list[str]:
