@@ -64,7 +64,7 @@ def write_lock(path, dataset_id: str, choices: list[dict[str, Any]], made: dict[
                 "iterations": c["budget"].get("iterations", {}), "seconds": round(float(c["seconds"]), 1),
                 "trials": [{k: (_round(v) if isinstance(v, float) else v) for k, v in row.items()}
                            for row in c["trials"]],
-                **({"made": c["made"]} if "made" in c else {}),  # tuned before this write (kept by an update)
+                **({"made": dict(c["made"])} if "made" in c else {}),  # tuned before this write (kept by an update)
             } for c in choices
         },
     }
