@@ -15,7 +15,7 @@ if not workflow.config_settings.configfiles:
 
 import os
 
-from regbench.workflow.config import check_config, job_settings, is_trainable
+from regbench.workflow.config import check_config, job_settings, is_trainable, result_rows
 
 CONFIG_FILES = [str(f) for f in workflow.config_settings.configfiles] or [f"{workflow.basedir}/config/config.yaml"]
 # lock files of tuned values are named relative to the config file's folder
@@ -25,7 +25,8 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(CONFIG_FILES[0]))
 CONFIG = check_config(config, source=" + ".join(CONFIG_FILES), schema=f"{workflow.basedir}/config/schema.yaml",
                       config_dir=CONFIG_DIR)
 DATASETS = list(CONFIG["datasets"])
-METHODS = list(CONFIG["methods"])
+# the leaderboard's rows: every method, then each instance-optimised one (<method>+io, trained by its method's runs)
+METHODS = result_rows(CONFIG)
 DATA = CONFIG["data_dir"]
 RESULTS = CONFIG["results_dir"]
 

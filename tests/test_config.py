@@ -18,6 +18,19 @@ def default_config():
 CONFIG_DIR = ROOT / "config"   # lock files of tuned values are named relative to the config's folder
 
 
+def test_an_instance_optimised_row_runs_its_method_s_recipe_and_trained_runs():
+    from regbench.workflow.config import result_rows
+
+    config = check_config({**default_config(), "instance_optimisation": {"methods": ["voxelmorph"], "steps": 20}},
+                          config_dir=CONFIG_DIR)
+    assert result_rows(config)[-1] == "voxelmorph+io" and result_rows(config)[:-1] == list(config["methods"])
+    row, method = (job_settings(config, "embedded2d", m, seed=2) for m in ("voxelmorph+io", "voxelmorph"))
+    assert row["method"] == "voxelmorph" and row["row"] == "voxelmorph+io" and row["recipe"] == method["recipe"]
+    # the rate defaults to the method's own, as tuned (the lock's value, not the recipe's 1e-3)
+    assert row["instance_optimisation"] == {"steps": 20, "lr": pytest.approx(method["recipe"]["lr"])}
+    assert method["recipe"]["lr"] != 1e-3 and "instance_optimisation" not in method
+
+
 def test_default_config_resolves():
     config = check_config(default_config(), config_dir=CONFIG_DIR)
     settings = job_settings(config, "embedded2d", "voxelmorph")
@@ -78,6 +91,10 @@ def test_every_shipped_config_passes_the_schema_and_resolves(path):
     (lambda c: c.update(datasets={"embedded2d": {}, "embedded2d_shift": {"n_test": 3}},
                         evaluate_on={"embedded2d": {"embedded2d_shift": {"n_test": 2}}}),
      r"'embedded2d_shift' has other options under 'datasets'; give them in one place"),
+    (lambda c: c.update(instance_optimisation={"methods": ["transmorph"]}),
+     r"instance_optimisation > methods: 'transmorph' is not under 'methods'"),
+    (lambda c: c.update(instance_optimisation={"methods": ["birnet"]}), r"'birnet' learns from a teacher's fields"),
+    (lambda c: c.update(instance_optimisation={"methods": ["syn"]}), r"'syn' does not train"),
 ])
 def test_bad_names_and_values_are_named(change, message):
     config = default_config()

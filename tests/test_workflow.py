@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -22,6 +23,7 @@ methods:
   identity: {}
   voxelmorph:
     overrides: {iterations: 30, batch_size: 2, checkpoint_every: 10}
+instance_optimisation: {methods: [voxelmorph], steps: 5}
 evaluation:
   runtime_repeats: 1
 """
@@ -71,7 +73,7 @@ def test_every_contracted_file_is_written(tiny_runs):
 
 def test_leaderboard_has_one_row_per_method_and_the_contracted_columns(tiny_runs):
     board = pd.read_csv(tiny_runs[0] / "results" / "embedded2d" / "leaderboard.csv")
-    assert sorted(board["method"]) == ["identity", "voxelmorph"]
+    assert sorted(board["method"]) == ["identity", "voxelmorph", "voxelmorph+io"]
     pairs = pd.read_csv(tiny_runs[0] / "results" / "embedded2d" / "identity" / "seed0" / "pairs.csv")
     assert len(pairs) >= 20
     assert list(board.columns[:1]) == ["method"]
@@ -79,7 +81,7 @@ def test_leaderboard_has_one_row_per_method_and_the_contracted_columns(tiny_runs
         for stat in ("mean", "std", "median"):
             assert f"{metric}_{stat}" in board.columns
     assert (board["n_pairs"] == len(pairs)).all()
-    assert dict(zip(board["method"], board["n_seeds"])) == {"identity": 1, "voxelmorph": 2}
+    assert dict(zip(board["method"], board["n_seeds"])) == {"identity": 1, "voxelmorph": 2, "voxelmorph+io": 2}
     for column in ("dice_ci_low", "dice_ci_high", "dice_seed_std", "rank", "rank_low", "rank_high", "p_first",
                    "supervision", "class_rank"):
         assert column in board.columns, column
@@ -89,6 +91,40 @@ def test_leaderboard_has_one_row_per_method_and_the_contracted_columns(tiny_runs
     assert 0.3 < identity["dice_mean"] < 0.95
     # identity's EPE is the mean length of the true displacement: several voxels for these subjects
     assert identity["epe_mean"] > 1.0
+
+
+def test_the_instance_optimised_row_registers_with_its_method_s_runs_fine_tuned_on_each_pair(tiny_runs):
+    import torch
+
+    from regbench.data.prepared import PreparedDataset
+    from regbench.evaluation import metrics
+    from regbench.plugins import load_method
+    from regbench.training.instance import instance_optimised_registration
+    from regbench.training.loop import load_trained
+
+    results = tiny_runs[0] / "results" / "embedded2d"
+    row = results / "voxelmorph+io" / "seed1"
+    assert sorted(p.name for p in row.iterdir()) == ["eval.json", "labels.csv", "pairs.csv"]   # it trains nothing
+    evaluation = json.loads((row / "eval.json").read_text())
+    assert evaluation["method"] == "voxelmorph+io" and evaluation["supervision"] == "none"
+    assert evaluation["instance_optimisation"] == {"steps": 5, "lr": 1e-3, "method": "voxelmorph"}
+    # one pair again, directly: seed 1's trained network fine-tuned on it gives the scores in pairs.csv
+    dataset = PreparedDataset(tiny_runs[0] / "data" / "embedded2d" / "prepared")
+    pairs = pd.read_csv(row / "pairs.csv")
+    pair = pairs.iloc[3]
+    method = load_method("voxelmorph")
+    net, recipe = load_trained(method, results / "voxelmorph" / "seed1" / "model.pt")
+    batch = dataset.pair(pair["fixed"], pair["moving"])
+    torch.set_num_threads(1)
+    u = instance_optimised_registration(method, net, batch["fixed"], batch["moving"], recipe,
+                                        method.grid_adapter(dataset.shape, dataset.spacing, recipe), 5, 1e-3)
+    scores, _ = metrics.pair_metrics(dataset.seg(pair["fixed"]), dataset.seg(pair["moving"]),
+                                     u[0].double().numpy(), dataset.label_values, dataset.spacing)
+    assert scores["dice"] == pytest.approx(pair["dice"], abs=1e-9)
+    plain = pd.read_csv(results / "voxelmorph" / "seed1" / "pairs.csv")
+    assert not np.allclose(plain["dice"], pairs["dice"])
+    # the fine-tuning is part of the registration's time
+    assert pairs["runtime_s"].median() > plain["runtime_s"].median()
 
 
 def test_two_runs_give_identical_numbers_apart_from_timings(tiny_runs):

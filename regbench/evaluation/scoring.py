@@ -22,6 +22,7 @@ from regbench.evaluation import metrics
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import autocast, training_precision
+from regbench.training.instance import instance_optimised_registration
 
 
 def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
@@ -29,7 +30,8 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
                     runtime_repeats: int = 3, label_warp: str = "nearest", split: str = "test",
                     provenance: dict | None = None, progress: bool = False,
                     export_dir=None, mixed_precision: bool = False, recipe_name: str | None = None,
-                    trained_on: dict | None = None) -> pd.DataFrame:
+                    trained_on: dict | None = None, instance_optimisation: dict | None = None,
+                    row_id: str | None = None) -> pd.DataFrame:
     """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``.
 
     A method with ``precomputed = True`` (``external``) supplies each pair's displacement from files
@@ -44,6 +46,10 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     ``{"id", "shape", "spacing"}`` (mm). Its images are then resampled onto the grid the network was trained on,
     and the displacement is scored on ``dataset``'s grid (:meth:`RegistrationMethod.grid_adapter`); eval.json
     records both datasets.
+
+    ``instance_optimisation`` (``{"steps", "lr"}``): ``net`` is fine-tuned on each pair before it registers it
+    (:func:`regbench.training.instance.instance_optimised_registration`), inside the timed call, so the runtime
+    includes it; ``row_id`` names the result row (``voxelmorph+io``) in eval.json.
     """
     out_dir = Path(out_dir)
     precision = training_precision(device, mixed_precision, method.allows_mixed_precision)
@@ -70,6 +76,9 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
             fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
 
             def call():  # resampling onto the method's working grid and back is part of the registration
+                if instance_optimisation:  # float32: the fine-tuning steps are training steps
+                    return instance_optimised_registration(method, net, fixed, moving, recipe, adapter,
+                                                           instance_optimisation["steps"], instance_optimisation["lr"])
                 with torch.no_grad(), autocast(device, precision):
                     return method.register_on_dataset_grid(net, fixed, moving, recipe, adapter)
 
@@ -94,13 +103,14 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     write_csv(out_dir / "labels.csv", pd.DataFrame(label_rows))
     write_csv(out_dir / "pairs.csv", table)
     write_json(out_dir / "eval.json", {
-        "method": method.name, "dataset": dataset.name, "trained_on": (trained_on or {}).get("id", dataset.name),
+        "method": row_id or method.name, "dataset": dataset.name, "trained_on": (trained_on or {}).get("id", dataset.name),
         "split": split, "n_pairs": len(table),
         "label_warp": label_warp, "runtime_repeats": runtime_repeats, "device": str(device),
         "precision": precision, "moving_contrast": contrast or "image", **adapter.record(),
         "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,
         "recipe_name": recipe_name, "deviations": deviation_records(method, recipe_name),
         "supervision": method.supervision(recipe),
+        **({"instance_optimisation": {**instance_optimisation, "method": method.name}} if instance_optimisation else {}),
         "provenance": provenance or {},
     })
     return table

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from regbench.io import InputError, read_json, write_json
-from regbench.layout import run_dir
+from regbench.layout import plugin_id, run_dir
 from regbench.report import plots, style
 
 log = logging.getLogger("regbench")
@@ -146,6 +146,7 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
     from regbench.data.prepared import PreparedDataset
     from regbench.evaluation import metrics
     from regbench.runtime import configure_threads, select_device
+    from regbench.training.instance import instance_optimised_registration
     from regbench.training.loop import load_trained
 
     settings = settings or {}
@@ -166,19 +167,26 @@ def register_median_pair(results_dir, prepared_dir, dataset_id: str, method_ids:
               "moving": dataset.image(moving_id), "methods": {}}
     for method_id in method_ids:
         method_dir = folders[method_id][0]
-        method = plugins.load_method(method_id)
         evaluation = read_json(method_dir / "eval.json")
+        tuning = evaluation.get("instance_optimisation")  # a +io row: its method's trained run, fine-tuned on the pair
+        method = plugins.load_method(tuning["method"] if tuning else method_id)
+        trained_dir = method_dir.parent.parent / method.name / method_dir.name if tuning else method_dir
         recipe, net = evaluation.get("recipe", {}), None
         if getattr(method, "precomputed", False):
             u = np.asarray(method.load_displacement(fixed_id, moving_id, dataset.shape, recipe), dtype=np.float64)
         else:
             if method.trainable:
-                net, recipe = load_trained(method, method_dir / "model.pt", device)
+                net, recipe = load_trained(method, trained_dir / "model.pt", device)
             moving = dataset.pair(fixed_id, moving_id, dataset.moving_contrast(method))["moving"]  # its contrast
             adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)
-            with torch.no_grad():
-                displacement = method.register_on_dataset_grid(net, batch["fixed"].to(device), moving.to(device),
-                                                               recipe, adapter)
+            if tuning:
+                displacement = instance_optimised_registration(method, net, batch["fixed"].to(device),
+                                                               moving.to(device), recipe, adapter, tuning["steps"],
+                                                               tuning["lr"])
+            else:
+                with torch.no_grad():
+                    displacement = method.register_on_dataset_grid(net, batch["fixed"].to(device), moving.to(device),
+                                                                   recipe, adapter)
             u = displacement[0].detach().float().cpu().double().numpy()
         scores, _ = metrics.pair_metrics(dataset.seg(fixed_id), dataset.seg(moving_id), u, dataset.label_values,
                                          dataset.spacing, label_warp=evaluation.get("label_warp", "nearest"))
@@ -201,6 +209,8 @@ def tuning_facts(lock: dict | None, lock_file: str | None, method_dirs: dict[str
     facts = {"file": lock_file, "budget": (lock or {}).get("budget", {}), "made": (lock or {}).get("made", {}),
              "methods": {}}
     for method_id, folder in method_dirs.items():
+        if method_id != plugin_id(method_id):   # a +io row: its method's row says how it was tuned
+            continue
         space = plugins.load_method(method_id).search_space
         if not space:
             continue

@@ -87,7 +87,8 @@ def cmd_register(args) -> None:
     failed = read_failure(run)
     if failed is not None and (run == Path(args.out) or failed["step"] == "train"):
         # training failed and on_failure is skip: the failure passes on to the leaderboard
-        record_failure(Path(args.out), settings["method"], failed["step"], failed["error"], evaluation=True)
+        record_failure(Path(args.out), settings.get("row", settings["method"]), failed["step"], failed["error"],
+                       evaluation=True)
         return
     trained_on = None
     if args.trained_on:   # a run of another dataset registers this one's test pairs
@@ -102,7 +103,7 @@ def cmd_register(args) -> None:
     except Exception as err:
         if settings.get("on_failure", "stop") != "skip":
             raise
-        record_failure(Path(args.out), settings["method"], "register", err, evaluation=True)
+        record_failure(Path(args.out), settings.get("row", settings["method"]), "register", err, evaluation=True)
         return
     log.info("%s: mean Dice %.4f over %d pairs", method.name, table["dice"].mean(), len(table))
 
@@ -117,7 +118,8 @@ def _register(args, settings, method, recipe, dataset, net, device, trained_on=N
                             provenance=provenance(settings, device), progress=True,
                             export_dir=Path(args.out) / "displacements" if settings["evaluation"].get("export_displacements") else None,
                             mixed_precision=settings.get("mixed_precision", False),
-                            recipe_name=settings.get("recipe_name"), trained_on=trained_on)
+                            recipe_name=settings.get("recipe_name"), trained_on=trained_on,
+                            instance_optimisation=settings.get("instance_optimisation"), row_id=settings.get("row"))
 
 
 def record_failure(out: Path, method_id: str, step: str, error, evaluation: bool = False) -> None:

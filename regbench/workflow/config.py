@@ -14,6 +14,7 @@ from typing import Any
 
 from regbench import plugins
 from regbench.io import InputError
+from regbench.layout import IO_SUFFIX, plugin_id
 from regbench.tuning.lock import chosen_values, read_lock
 from regbench.tuning.space import check_search_space
 
@@ -41,7 +42,15 @@ DEFAULTS: dict[str, Any] = {
     # dataset id (trained on) -> other datasets whose test pairs its runs also register: {target: options}
     # (a list in the config: every target with its default options)
     "evaluate_on": {},
+    # learned methods that also get a row fine-tuned on each test pair (<method>+io; regbench.training.instance)
+    "instance_optimisation": {"methods": [], "steps": 50, "lr": None},
 }
+
+
+def result_rows(config: dict[str, Any]) -> list[str]:
+    """Every row the config's leaderboards have: its methods, then each instance-optimised one (``<method>+io``),
+    which registers with the trained runs of its method and trains nothing of its own."""
+    return list(config["methods"]) + [m + IO_SUFFIX for m in config["instance_optimisation"]["methods"]]
 
 
 class ConfigError(ValueError):
@@ -124,7 +133,30 @@ def check_config(config: dict[str, Any], source: str = "the config", schema=None
             method_recipe(resolved, method_id, dataset_id)
         if plugins.load_method(method_id).trainable:
             _check_training_keys(recipe, method_id, source)
+    _check_instance_optimisation(resolved, source)
     return resolved
+
+
+def _check_instance_optimisation(config: dict[str, Any], source: str) -> None:
+    """Each method named under ``instance_optimisation`` is a learned method of the config that has a loss of its
+    own to fine-tune with (regbench.training.instance.check_instance_optimisation)."""
+    from regbench.training.instance import check_instance_optimisation
+
+    options = config["instance_optimisation"]
+    for method_id in options["methods"]:
+        if method_id not in config["methods"]:
+            raise ConfigError(f"{source}: instance_optimisation > methods: {method_id!r} is not under 'methods'")
+        try:
+            check_instance_optimisation(plugins.load_method(method_id), io_settings(config, method_id))
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def io_settings(config: dict[str, Any], method_id: str, dataset_id: str | None = None) -> dict[str, Any]:
+    """``{"steps", "lr"}`` of a method's instance optimisation: the config's rate, else its recipe's (tuned) one."""
+    options = config["instance_optimisation"]
+    lr = options["lr"] if options["lr"] is not None else method_recipe(config, method_id, dataset_id)[1].get("lr", 1e-4)
+    return {"steps": int(options["steps"]), "lr": float(lr)}
 
 
 def _check_evaluate_on(config: dict[str, Any], source: str) -> None:
@@ -199,14 +231,15 @@ def tuned_values(config: dict[str, Any], method_id: str, dataset_id: str | None)
 
 
 def is_trainable(method_id: str) -> bool:
-    return plugins.load_method(method_id).trainable
+    """True for a row (a method, or its ``+io`` row) whose method trains."""
+    return plugins.load_method(plugin_id(method_id)).trainable
 
 
 def method_seeds(config: dict[str, Any], method_id: str) -> list[int]:
     """The seeds a method runs with: every seed of the config when it trains (or has a random component), else
     the first one only (a deterministic method gives the same result for every seed)."""
     seeds = [int(s) for s in config["seeds"]]
-    return seeds if plugins.load_method(method_id).seeded else seeds[:1]
+    return seeds if plugins.load_method(plugin_id(method_id)).seeded else seeds[:1]
 
 
 def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None = None,
@@ -216,7 +249,8 @@ def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None 
     ``tuned``: the recipe takes the dataset's lock-file values (``tuned``: which values, from which file, and the
     config's overrides of them); False for the tuning itself, which starts from the recipe. ``seed``: the run's
     training seed (one of ``seeds``; default: ``seed``). ``evaluated_on``: the run of ``dataset_id`` registers that
-    dataset's test pairs (``evaluate_on``); the settings name it and its options."""
+    dataset's test pairs (``evaluate_on``); the settings name it and its options. ``method_id`` may be a row
+    ``<method>+io``: the method's settings, with ``row`` and its ``instance_optimisation``."""
     settings = {
         "dataset": dataset_id,
         "dataset_options": plugins.load_dataset(dataset_id).resolve_options(dataset_options(config, dataset_id)),
@@ -228,6 +262,9 @@ def job_settings(config: dict[str, Any], dataset_id: str, method_id: str | None 
         "on_failure": config["on_failure"],
         "evaluation": config["evaluation"],
     }
+    if method_id is not None and method_id != plugin_id(method_id):  # an instance-optimised row of the method
+        row, method_id = method_id, plugin_id(method_id)
+        settings.update({"row": row, "instance_optimisation": io_settings(config, method_id, dataset_id)})
     if method_id is not None:
         which, recipe = method_recipe(config, method_id, dataset_id if tuned else None)
         recipe = plugins.load_method(method_id).recipe_for_seed(recipe, settings["seed"])

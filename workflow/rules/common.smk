@@ -9,7 +9,7 @@ from regbench import plugins
 from regbench.training.supervision import DEFAULT_PAIRS, SUPERVISOR
 from regbench.runtime import config_hash
 from regbench.workflow.config import (ConfigError, evaluation_targets, is_trainable, job_settings, method_recipe,
-                                      method_seeds)
+                                      method_seeds, plugin_id)
 
 # Jobs call `regbench` and `python` of the environment that runs Snakemake, activated or not: its bin folder
 # leads the PATH of every shell command (a cluster job's too, which runs this file again in its own Python).
@@ -30,7 +30,7 @@ envvars:
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
-    method="[A-Za-z0-9_]+",
+    method="[A-Za-z0-9_]+(\\+io)?",
     seed="[0-9]+",
     target="[A-Za-z0-9_]+",
 
@@ -95,10 +95,15 @@ def method_folder(wildcards, output):
 
 # ----------------------------------------------------------------------------------------- learned methods
 
+def trained_run(wildcards):
+    """results/<dataset>/<method>/seed<k>: the run whose model registers (a +io row's is its method's)."""
+    return f"{RESULTS}/{wildcards.dataset}/{plugin_id(wildcards.method)}/seed{wildcards.seed}"
+
+
 def trained_model(wildcards):
     """A learned method is evaluated from the model of its run; identity and classical tools need none."""
     if is_trainable(wildcards.method):
-        return f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/seed{wildcards.seed}/model.pt"
+        return f"{trained_run(wildcards)}/model.pt"
     return []
 
 
@@ -106,7 +111,7 @@ def trained_model(wildcards):
 
 def needs_supervision(method_id):
     """A method trained on an existing tool's deformations sets `needs_supervision = True`."""
-    return bool(getattr(plugins.load_method(method_id), "needs_supervision", False))
+    return bool(getattr(plugins.load_method(plugin_id(method_id)), "needs_supervision", False))
 
 
 SUPERVISED_METHODS = [m for m in METHODS if needs_supervision(m)]
@@ -136,7 +141,7 @@ def supervision_settings(wildcards):
 # ------------------------------------------------------------------------------------------------ tuning
 
 #: the methods a tuning tunes: those that declare a search space
-TUNED_METHODS = [m for m in METHODS if plugins.load_method(m).search_space]
+TUNED_METHODS = [m for m in CONFIG["methods"] if plugins.load_method(m).search_space]
 
 
 def tune_settings(wildcards):

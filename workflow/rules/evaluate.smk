@@ -12,13 +12,15 @@ rule register:
         settings=settings_json,
         prepared=prepared_folder,
         out=method_folder,
+        run=trained_run,
     threads: CONFIG["torch_threads"]
     resources:
         **job_resources("register"),
     log:
         f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/register.log",
     shell:
-        "regbench register --prepared {params.prepared} --out {params.out} --settings {params.settings:q} > {log} 2>&1"
+        "regbench register --prepared {params.prepared} --out {params.out} --run {params.run}"
+        " --settings {params.settings:q} > {log} 2>&1"
 
 
 rule aggregate:
@@ -62,7 +64,7 @@ rule register_on:
         settings=target_settings_json,
         prepared=prepared_folder,
         trained_on=lambda wildcards, input: os.path.dirname(input.trained_on),
-        run=lambda wildcards, output: os.path.dirname(os.path.dirname(output.pairs)),
+        run=trained_run,
         out=method_folder,
     threads: CONFIG["torch_threads"]
     resources:

@@ -13,7 +13,7 @@ rule report_dataset:
         info=rules.prepare.output.info,
         arrays=rules.prepare.output.arrays,
         labels=run_files("labels.csv"),
-        models=[f"{RESULTS}/{{dataset}}/{m}/seed{s}/model.pt" for m in METHODS if is_trainable(m) for s in SEEDS[m]],
+        models=[f"{RESULTS}/{{dataset}}/{m}/seed{s}/model.pt" for m in CONFIG["methods"] if is_trainable(m) for s in SEEDS[m]],
     output:
         dice=dataset_figure("dice_per_structure", "2 Dice per structure"),
         accuracy=dataset_figure("accuracy_regularity", "3 accuracy against regularity"),
