@@ -90,7 +90,8 @@ evaluation:
     assert batch["moving"].shape == batch["fixed"].shape == (1, 1, 40, 48, 40)
     assert not torch.equal(batch["moving"], ixi.pair(test_pair.fixed, test_pair.moving)["moving"])
     pairs = pd.read_csv(workdir / "data" / "oasis" / "prepared" / "pairs.csv")
-    assert pairs.values.tolist() == [["val", "OASIS_OAS1_0395_MR1", "OASIS_OAS1_0396_MR1"],
+    assert (pairs["intensity_label_mi"] > 0).all()   # each pair's MI(intensity; labels), in bits
+    assert pairs[["split", "fixed", "moving"]].values.tolist() == [["val", "OASIS_OAS1_0395_MR1", "OASIS_OAS1_0396_MR1"],
                                      ["test", "OASIS_OAS1_0415_MR1", "OASIS_OAS1_0416_MR1"],
                                      ["test", "OASIS_OAS1_0416_MR1", "OASIS_OAS1_0417_MR1"]]
     subjects = pd.read_csv(workdir / "data" / "oasis" / "prepared" / "subjects.csv")

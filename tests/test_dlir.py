@@ -306,4 +306,5 @@ def test_short_training_lowers_the_loss_and_beats_identity(dlir, small_embedded2
     assert dice_by_stage[0] < dice_by_stage[1] < dice_by_stage[2], dice_by_stage
 
 
-SHORT = {"iterations": 420, "checkpoint_every": 1000}
+# 600 steps: +0.12 Dice over identity in either memory layout (420 gave +0.04 to +0.06, at the mercy of rounding)
+SHORT = {"iterations": 600, "checkpoint_every": 1000}
