@@ -8,7 +8,7 @@ commit and the wall time that produced it: the README's numbers are always a run
 config evaluates the runs on other datasets (``evaluate_on``), the generalization table of the first dataset is
 written between the <!-- default-run-generalization --> markers the same way.
 
-    python benchmarks/default_run.py [--configfile config/config.yaml] [--runs 1] [--readme README.md]
+    python benchmarks/default_run.py [--configfile config/config.yaml] [--runs 1] [--readme README.md] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -87,13 +87,14 @@ def main() -> None:
     parser.add_argument("--configfile", type=Path, default=ROOT / "config" / "config.yaml")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--readme", type=Path, help="rewrite this README's figures table from the first run")
+    parser.add_argument("--keep", type=Path, help="run in <keep>/run<k> (new, empty folders) and keep what they hold")
     args = parser.parse_args()
     boards, seconds, generalization = [], [], None
     commit = git_commit(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            workdir = Path(tmp) / f"run{run}"
-            workdir.mkdir()
+            workdir = (args.keep.resolve() if args.keep else Path(tmp)) / f"run{run}"
+            workdir.mkdir(parents=True)   # an existing folder is an error: each run starts from nothing
             seconds.append(run_once(workdir, args.configfile.resolve()))
             print(f"run {run + 1}: snakemake --cores all took {seconds[-1]:.1f} s")
             for board_path in sorted((workdir / "results").glob("*/leaderboard.csv")):
