@@ -1,7 +1,8 @@
 """Register every test pair with one method and score it: results/<ds>/<m>/seed<k>/pairs.csv and labels.csv.
 
-The registration call alone is timed (no file I/O): one warm-up call, then the median of
-``runtime_repeats`` calls, with ``torch.cuda.synchronize()`` around each on GPU. Peak memory is
+The registration call alone is timed (no file I/O): one untimed warm-up call on the run's first pair (every pair
+has the same grid), then per pair the median of ``runtime_repeats`` calls, with ``torch.cuda.synchronize()``
+around each on GPU. Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU and the growth of the resident set on CPU.
 """
 from __future__ import annotations
@@ -82,7 +83,8 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
                 with torch.no_grad(), autocast(device, precision):
                     return method.register_on_dataset_grid(net, fixed, moving, recipe, adapter)
 
-            displacement, runtime_s, peak_mem_mb = measure(call, device, runtime_repeats)
+            # one warm-up for the run: every pair has the same grid, so what it initialises serves them all
+            displacement, runtime_s, peak_mem_mb = measure(call, device, runtime_repeats, warm_up=not pair_rows)
             u = displacement[0].detach().float().cpu().double().numpy()
         if export_dir is not None:
             learn2reg.write_displacement(Path(export_dir) / learn2reg.displacement_name(pair.fixed, pair.moving),
@@ -123,13 +125,15 @@ def deviation_records(method: RegistrationMethod, recipe_name: str | None) -> li
              "applies": d in applying} for d in method.deviations]
 
 
-def measure(call: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float]:
-    """(result, median seconds of ``repeats`` calls after a warm-up, peak memory in MB); ``repeats`` 0: one
-    untimed call (NaN seconds and memory), as tuning scores its val pairs."""
+def measure(call: Callable[[], torch.Tensor], device: torch.device, repeats: int,
+            warm_up: bool = True) -> tuple[torch.Tensor, float, float]:
+    """(result, median seconds of ``repeats`` calls, after an untimed warm-up call when ``warm_up``, peak memory in
+    MB); ``repeats`` 0: one untimed call (NaN seconds and memory), as tuning scores its val pairs."""
     cuda = device.type == "cuda"
-    result = call()  # warm-up: lazy initialisation, caches, cuDNN autotuning
     if repeats == 0:
-        return result, float("nan"), float("nan")
+        return call(), float("nan"), float("nan")
+    if warm_up:
+        call()  # lazy initialisation, caches, cuDNN autotuning
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
