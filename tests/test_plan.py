@@ -58,6 +58,26 @@ def test_the_plan_multiplies_calibrated_seconds_by_the_config_s_steps_seeds_tria
     assert vxm["register_h"] == pytest.approx(2 * n_test * vxm["register_s"] / 3600)
 
 
+def test_the_plan_counts_evaluate_on_targets_and_instance_optimisation(data_dir, tmp_path):
+    data, options = data_dir
+    config = write_config(tmp_path / "config.yaml", data, {"embedded2d": options})
+    raw = yaml.safe_load(config.read_text())
+    shift = load_dataset("embedded2d_shift")
+    shift_options = {"n_train": 2, "n_val": 1, "n_test": 2}
+    shift.prepare(data / "embedded2d_shift" / "raw", data / "embedded2d_shift" / "prepared",
+                  shift.resolve_options(shift_options))
+    raw.update(evaluate_on={"embedded2d": {"embedded2d_shift": shift_options}},
+               instance_optimisation={"methods": ["voxelmorph"], "steps": 10})
+    config.write_text(yaml.safe_dump(raw))
+    assert cli.main(["plan", "--configfile", str(config), "--steps", "2", "--csv", str(tmp_path / "plan.csv")]) == 0
+    vxm = pd.read_csv(tmp_path / "plan.csv").set_index("method").loc["voxelmorph"]
+    n_test = len(PreparedDataset(data / "embedded2d" / "prepared").split_pairs("test"))
+    shift_pairs = len(PreparedDataset(data / "embedded2d_shift" / "prepared").split_pairs("test"))
+    assert shift_pairs == 4                      # n - 1 within each template, n across
+    per_pair = 2 * vxm["register_s"] + 10 * vxm["step_s"]   # the plain row's call, the +io row's steps and call
+    assert vxm["register_h"] == pytest.approx(2 * (n_test + shift_pairs) * per_pair / 3600)
+
+
 def test_an_unprepared_dataset_plans_from_its_plugin_s_grid_or_says_to_prepare_it(tmp_path, capsys):
     config = write_config(tmp_path / "config.yaml", tmp_path / "nothing", {"oasis2d": {}}, seeds=(0,))
     assert cli.main(["plan", "--configfile", str(config), "--steps", "1", "--csv", str(tmp_path / "plan.csv")]) == 0

@@ -4,8 +4,9 @@ Per (dataset, method): the training steps of its recipe, the seconds one step ta
 and the seconds one registration takes, both measured by a short calibration (a few real steps of the method's
 own loss on a synthetic batch of the dataset's grid, after one warm-up step), and from them the estimated hours
 of training (every seed), of tuning (trials x the tuned fraction of the budget) and of registering the test
-pairs. Classical methods are not calibrated (their cost depends on the images: time one pair with the
-workflow). The dataset's grid comes from its prepared folder, else from what its plugin knows before the
+pairs (the dataset's and its ``evaluate_on`` targets'; a method's ``+io`` row adds its fine-tuning steps a pair,
+at the mean step time of its training). Classical methods are not calibrated (their cost depends on the images:
+time one pair with the workflow). The dataset's grid comes from its prepared folder, else from what its plugin knows before the
 download (``DatasetSource.expected_grid``).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import InputError
 from regbench.runtime import in_memory_format, memory_format, synchronize, training_precision
 from regbench.training.loop import optimiser_step, train_only, weighted_loss
-from regbench.workflow.config import job_settings
+from regbench.workflow.config import dataset_options, evaluation_targets, job_settings
 
 
 def dataset_grid(config: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def dataset_grid(config: dict[str, Any], dataset_id: str) -> dict[str, Any]:
         return {"ndim": dataset.ndim, "shape": dataset.shape, "spacing": dataset.spacing,
                 "labels": len(dataset.label_values), "test_pairs": len(dataset.split_pairs("test"))}
     source = plugins.load_dataset(dataset_id)
-    expected = source.expected_grid(source.resolve_options(config["datasets"][dataset_id]))
+    expected = source.expected_grid(source.resolve_options(dataset_options(config, dataset_id)))
     if expected is None:
         raise InputError(f"{prepared / 'dataset.json'}: not prepared, and dataset {dataset_id!r} cannot say its grid "
                          f"before preparation: prepare it first (snakemake {prepared / 'dataset.json'} --cores all)")
@@ -108,6 +109,9 @@ def plan(config: dict[str, Any], device: torch.device, steps: int = 3) -> pd.Dat
     tuning = config["tuning"]
     for dataset_id in config["datasets"]:
         grid = dataset_grid(config, dataset_id)
+        # the test pairs its runs register: its own and each evaluate_on target's (on the grid they trained on)
+        pairs = grid["test_pairs"] + sum(dataset_grid(config, target)["test_pairs"]
+                                         for target in evaluation_targets(config, dataset_id))
         for method_id in config["methods"]:
             method = plugins.load_method(method_id)
             settings = job_settings(config, dataset_id, method_id)
@@ -119,9 +123,12 @@ def plan(config: dict[str, Any], device: torch.device, steps: int = 3) -> pd.Dat
                 continue
             cost = calibrate(method, settings["recipe"], grid, device, steps, settings["mixed_precision"])
             train_h = cost["steps"] * cost["step_s"] / 3600
+            register_s = cost["register_s"]
+            if method_id in config["instance_optimisation"]["methods"]:   # its +io row: fine-tuning steps a pair too
+                register_s += cost["register_s"] + config["instance_optimisation"]["steps"] * cost["step_s"]
             rows.append({**row, **cost, "train_h": seeds * train_h,
                          "tune_h": int(tuning["trials"]) * float(tuning["fraction"]) * train_h,
-                         "register_h": seeds * grid["test_pairs"] * cost["register_s"] / 3600})
+                         "register_h": seeds * pairs * register_s / 3600})
     table = pd.DataFrame(rows)
     for column in ("step_s", "register_s", "train_h", "tune_h", "register_h"):
         if column not in table:
