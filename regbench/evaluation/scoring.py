@@ -23,7 +23,6 @@ from regbench.evaluation import metrics
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import autocast, training_precision
-from regbench.training.instance import instance_optimised_registration
 
 
 def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
@@ -31,8 +30,8 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
                     runtime_repeats: int = 3, label_warp: str = "nearest", split: str = "test",
                     provenance: dict | None = None, progress: bool = False,
                     export_dir=None, mixed_precision: bool = False, recipe_name: str | None = None,
-                    trained_on: dict | None = None, instance_optimisation: dict | None = None,
-                    row_id: str | None = None) -> pd.DataFrame:
+                    trained_on: dict | None = None, registration: Callable | None = None,
+                    row_id: str | None = None, record: dict | None = None) -> pd.DataFrame:
     """Score every pair of ``split``; write pairs.csv, labels.csv and eval.json into ``out_dir``.
 
     A method with ``precomputed = True`` (``external``) supplies each pair's displacement from files
@@ -48,9 +47,10 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
     and the displacement is scored on ``dataset``'s grid (:meth:`RegistrationMethod.grid_adapter`); eval.json
     records both datasets.
 
-    ``instance_optimisation`` (``{"steps", "lr"}``): ``net`` is fine-tuned on each pair before it registers it
-    (:func:`regbench.training.instance.instance_optimised_registration`), inside the timed call, so the runtime
-    includes it; ``row_id`` names the result row (``voxelmorph+io``) in eval.json.
+    ``registration``: how a pair is registered, ``(method, net, fixed, moving, recipe, adapter) -> displacement``
+    (default: :meth:`RegistrationMethod.register_on_dataset_grid` without gradients, under the precision's
+    autocast); an instance-optimised row passes its fine-tuning (regbench.training.instance), timed with the rest.
+    ``row_id`` names the result row (``voxelmorph+io``) in eval.json, and ``record`` adds entries to it.
     """
     out_dir = Path(out_dir)
     precision = training_precision(device, mixed_precision, method.allows_mixed_precision)
@@ -77,9 +77,8 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
             fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
 
             def call():  # resampling onto the method's working grid and back is part of the registration
-                if instance_optimisation:  # float32: the fine-tuning steps are training steps
-                    return instance_optimised_registration(method, net, fixed, moving, recipe, adapter,
-                                                           instance_optimisation["steps"], instance_optimisation["lr"])
+                if registration is not None:
+                    return registration(method, net, fixed, moving, recipe, adapter)
                 with torch.no_grad(), autocast(device, precision):
                     return method.register_on_dataset_grid(net, fixed, moving, recipe, adapter)
 
@@ -112,7 +111,7 @@ def evaluate_method(method: RegistrationMethod, recipe: dict[str, Any], dataset:
         "torch_threads": torch.get_num_threads(), "parameters": parameter_count(net), "recipe": recipe,
         "recipe_name": recipe_name, "deviations": deviation_records(method, recipe_name),
         "supervision": method.supervision(recipe),
-        **({"instance_optimisation": {**instance_optimisation, "method": method.name}} if instance_optimisation else {}),
+        **(record or {}),
         "provenance": provenance or {},
     })
     return table

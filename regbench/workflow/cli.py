@@ -112,6 +112,16 @@ def _register(args, settings, method, recipe, dataset, net, device, trained_on=N
     from regbench.evaluation.scoring import evaluate_method
     from regbench.runtime import provenance
 
+    registration, record = None, None
+    options = settings.get("instance_optimisation")
+    if options:   # a +io row: the trained network fine-tuned on each pair first
+        from regbench.training.instance import instance_optimised_registration
+
+        def fine_tuned(method, net, fixed, moving, recipe, adapter):
+            return instance_optimised_registration(method, net, fixed, moving, recipe, adapter, options["steps"],
+                                                   options["lr"])
+
+        registration, record = fine_tuned, {"instance_optimisation": {**options, "method": method.name}}
     return evaluate_method(method, recipe, dataset, args.out, net=net, device=device,
                             runtime_repeats=settings["evaluation"]["runtime_repeats"],
                             label_warp=settings["evaluation"]["label_warp"],
@@ -119,7 +129,7 @@ def _register(args, settings, method, recipe, dataset, net, device, trained_on=N
                             export_dir=Path(args.out) / "displacements" if settings["evaluation"].get("export_displacements") else None,
                             mixed_precision=settings.get("mixed_precision", False),
                             recipe_name=settings.get("recipe_name"), trained_on=trained_on,
-                            instance_optimisation=settings.get("instance_optimisation"), row_id=settings.get("row"))
+                            registration=registration, row_id=settings.get("row"), record=record)
 
 
 def record_failure(out: Path, method_id: str, step: str, error, evaluation: bool = False) -> None:
