@@ -57,12 +57,17 @@ def bootstrap_means(matrices: dict[str, np.ndarray], resamples: int, seed: int) 
     means = {}
     for method, matrix in matrices.items():
         seed_draws = rng.integers(0, matrix.shape[0], size=(resamples, matrix.shape[0]))
-        per_pair = matrix[seed_draws]                                   # resamples x seeds x pairs
-        chosen = np.take_along_axis(per_pair, pair_draws[:, None, :], axis=2)
-        counts = np.isfinite(chosen).sum(axis=(1, 2))
-        totals = np.where(np.isfinite(chosen), chosen, 0.0).sum(axis=(1, 2))
-        means[method] = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)  # NaN: nothing scored
+        means[method] = resampled_means(matrix, seed_draws, pair_draws)
     return means
+
+
+def resampled_means(matrix: np.ndarray, seed_draws: np.ndarray, pair_draws: np.ndarray) -> np.ndarray:
+    """Per replicate, the mean of ``matrix`` (``seeds x pairs``) over the drawn seeds and pairs (``resamples x
+    seeds`` and ``resamples x pairs`` indices), skipping NaN; NaN where a replicate holds no score."""
+    chosen = np.take_along_axis(matrix[seed_draws], pair_draws[:, None, :], axis=2)   # resamples x seeds x pairs
+    counts = np.isfinite(chosen).sum(axis=(1, 2))
+    totals = np.where(np.isfinite(chosen), chosen, 0.0).sum(axis=(1, 2))
+    return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
 
 
 def confidence_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -109,11 +114,6 @@ def bootstrap_difference(first: np.ndarray, second: np.ndarray, resamples: int, 
         raise ValueError(f"the two score matrices need the same seeds; {first.shape[0]} and {second.shape[0]} rows")
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, first.shape[0], size=(resamples, first.shape[0]))
-    means = []
-    for matrix in (first, second):
-        pair_draws = rng.integers(0, matrix.shape[1], size=(resamples, matrix.shape[1]))
-        chosen = np.take_along_axis(matrix[seed_draws], pair_draws[:, None, :], axis=2)   # resamples x seeds x pairs
-        counts = np.isfinite(chosen).sum(axis=(1, 2))
-        totals = np.where(np.isfinite(chosen), chosen, 0.0).sum(axis=(1, 2))
-        means.append(np.where(counts > 0, totals / np.maximum(counts, 1), np.nan))
+    means = [resampled_means(matrix, seed_draws, rng.integers(0, matrix.shape[1], size=(resamples, matrix.shape[1])))
+             for matrix in (first, second)]
     return means[0] - means[1]
