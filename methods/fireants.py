@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from regbench import Deviation, RegistrationMethod, SearchRange
+from regbench.blocks.spatial import identity_grid
 
 #: fireants' MIN_IMG_SIZE: the smallest axis of a pyramid level, and so of an image it can register
 MIN_SIZE = 32
@@ -187,6 +188,4 @@ def displacement_from_grid(grid: torch.Tensor, moving_shape) -> torch.Tensor:
     grid = grid.to(torch.float64).flip(-1).movedim(-1, 1)                     # B x ndim x *spatial, array axes
     half = torch.tensor([(s - 1) / 2 for s in moving_shape], dtype=torch.float64, device=grid.device)
     position = (grid + 1) * half.view(1, ndim, *([1] * ndim))               # voxel index in the moving image
-    index = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=grid.device)
-                                         for s in grid.shape[2:]], indexing="ij"))
-    return position - index
+    return position - identity_grid(grid.shape[2:], device=grid.device, dtype=torch.float64)
