@@ -104,10 +104,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels (a warning where an op has none).
+
+    ``set_deterministic_debug_mode("warn")`` is ``use_deterministic_algorithms(True, warn_only=True)`` without
+    the latter's import of torch's compiler configuration (about a second of every job's start-up; regbench does
+    not compile)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_deterministic_debug_mode("warn")
 
 
 def config_hash(obj) -> str:

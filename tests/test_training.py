@@ -248,3 +248,16 @@ def test_the_layout_changes_no_result_beyond_rounding(tiny_dataset, tmp_path):
     for key in weights[True]:
         torch.testing.assert_close(weights[True][key].contiguous(), weights[False][key], rtol=1e-5, atol=1e-6)
     assert not all(torch.equal(weights[True][k], TwoStages().build(2, {}).state_dict()[k]) for k in weights[True])
+
+
+def test_seeding_asks_for_deterministic_kernels_without_importing_the_compiler():
+    """Training and registering jobs seed first: deterministic kernels on (warn-only), and no import of torch's
+    compiler configuration, which use_deterministic_algorithms brings in (about a second of each job's start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from regbench.runtime import seed_everything; seed_everything(3); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+            "'torch._inductor.config' in sys.modules, torch.initial_seed())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False", "3"]
