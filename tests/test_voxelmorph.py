@@ -5,7 +5,7 @@ import torch
 
 from regbench.blocks.losses import gradient_smoothness, local_ncc, mse, one_hot, soft_dice_loss
 from regbench.method import TRAINING_KEYS, parameter_count
-from regbench.blocks.networks import UNet, flow_head
+from regbench.blocks.networks import UNet, concat_channels, flow_head
 from regbench.plugins import load_method
 from regbench.blocks.spatial import resize_displacement, warp
 from short_training import short_training
@@ -224,3 +224,36 @@ def test_short_training_lowers_the_loss_and_beats_identity(voxelmorph, small_emb
     assert run.saved_recipe == recipe and run.summary["iterations"] == 400
     assert run.trained_loss < run.untrained_loss - 0.01, (run.untrained_loss, run.trained_loss)
     assert run.trained_dice > run.identity_dice + 0.03, (run.identity_dice, run.trained_dice)
+
+
+def test_a_channels_last_unet_stays_channels_last_through_its_skips():
+    """The strided U-Net's full-resolution skip is its two-channel input, in the default layout when it is two
+    one-channel images side by side; the decoder's concatenation must still be channels-last (else every
+    convolution after it copies its input, forward and backward), with torch.cat's values."""
+    layout = torch.channels_last
+    torch.manual_seed(0)
+    net = UNet(2, 2, [4, 8, 8], [[8], [8], [8], [8, 4]], downsampling="strided").to(memory_format=layout)
+    moving, fixed = (torch.rand(1, 1, 12, 12).contiguous(memory_format=layout) for _ in range(2))
+    x = torch.cat([moving, fixed], dim=1)
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=layout)
+    wide_inputs = []
+    for module in net.decoder.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(lambda m, args: wide_inputs.append(args[0]))
+    out = net(x)
+    concatenated = [t for t in wide_inputs if t.shape[1] > 8]
+    assert concatenated and all(t.is_contiguous(memory_format=layout) for t in concatenated)
+    reference = UNet(2, 2, [4, 8, 8], [[8], [8], [8], [8, 4]], downsampling="strided")
+    reference.load_state_dict(net.state_dict())
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_concat_channels_is_torch_cat_in_the_features_layout(ndim):
+    layout = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    features = torch.rand(1, 3, *[5] * ndim).contiguous(memory_format=layout)
+    skip = torch.rand(1, 2, *[5] * ndim)
+    for order in ([features, skip], [skip, features]):
+        joined = concat_channels(order)
+        assert joined.is_contiguous(memory_format=layout) and torch.equal(joined, torch.cat(order, dim=1))
+    assert concat_channels([skip, skip]).is_contiguous()   # nothing channels-last: torch.cat's layout

@@ -24,6 +24,19 @@ def conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int = 3, s
     return layer(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
+def concat_channels(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors, dim=1)``, channels-last when any input is (a feature map of a channels-last network).
+
+    torch.cat keeps a layout only when every input has it, and a skip built from one-channel images (a
+    one-channel tensor is in both layouts, their concatenation in the default one) makes it fall back to the
+    default layout: every convolution after it would copy its input to channels-last, forward and backward.
+    The values are torch.cat's."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensors[0].ndim)
+    if layout is None or not any(t.is_contiguous(memory_format=layout) and not t.is_contiguous() for t in tensors):
+        return torch.cat(list(tensors), dim=1)
+    return torch.cat([t.contiguous(memory_format=layout) for t in tensors], dim=1)
+
+
 class ConvBlock(nn.Sequential):
     """Convolution (3 x 3 by default) followed by LeakyReLU.
 
@@ -128,7 +141,7 @@ class UNet(nn.Module):
         for index, group in enumerate(self.decoder):
             if index > 0:
                 skip = skips[-index]
-                x = torch.cat([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], dim=1)
+                x = concat_channels([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip])
             x = group(x)
         return x
 
