@@ -47,14 +47,15 @@ def paired_tests(tables: dict[str, pd.DataFrame], metrics: list[str]) -> pd.Data
     the median of the paired differences a - b. ``tables`` are pairs.csv tables keyed by method."""
     rows = []
     for metric in metrics:
+        # pairs x methods, aligned on (fixed, moving) once; a comparison uses the pairs both methods scored
+        wide = pd.concat({m: t.set_index(["fixed", "moving"])[metric] for m, t in tables.items()}, axis=1)
         block = []
         for a, b in itertools.combinations(tables, 2):
-            joined = tables[a][["fixed", "moving", metric]].merge(
-                tables[b][["fixed", "moving", metric]], on=["fixed", "moving"], suffixes=("_a", "_b")).dropna()
-            diff = joined[f"{metric}_a"].to_numpy(float) - joined[f"{metric}_b"].to_numpy(float)
+            both = wide[[a, b]].dropna().to_numpy(float)
+            diff = both[:, 0] - both[:, 1]
             statistic, p = np.nan, np.nan
             if np.any(diff != 0):
-                result = stats.wilcoxon(joined[f"{metric}_a"], joined[f"{metric}_b"])
+                result = stats.wilcoxon(both[:, 0], both[:, 1])
                 statistic, p = float(result.statistic), float(result.pvalue)
             elif len(diff):
                 p = 1.0  # identical on every pair: no evidence of a difference

@@ -24,9 +24,16 @@ PAIR_KEYS = ["fixed", "moving"]
 def seed_matrix(table: pd.DataFrame, metric: str, pairs: list[tuple[str, str]]) -> np.ndarray:
     """``seeds x pairs`` array of one metric from a table of (seed, fixed, moving, metric) rows, pairs in the given
     order (NaN where a seed did not score a pair)."""
-    wide = table.pivot_table(index="seed", columns=PAIR_KEYS, values=metric, aggfunc="mean", dropna=False)
-    wide = wide.reindex(columns=pd.MultiIndex.from_tuples(pairs, names=PAIR_KEYS))
-    return wide.to_numpy(float)
+    seeds = np.sort(table["seed"].unique())
+    rows = np.searchsorted(seeds, table["seed"].to_numpy())
+    column = {pair: i for i, pair in enumerate(pairs)}
+    cols = np.array([column.get(pair, -1) for pair in zip(table["fixed"], table["moving"])], dtype=int)
+    values = table[metric].to_numpy(float)
+    keep = (cols >= 0) & np.isfinite(values)
+    sums, counts = np.zeros((len(seeds), len(pairs))), np.zeros((len(seeds), len(pairs)))
+    np.add.at(sums, (rows[keep], cols[keep]), values[keep])   # a (seed, pair) scored twice: the mean of both
+    np.add.at(counts, (rows[keep], cols[keep]), 1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def seed_averaged(table: pd.DataFrame) -> pd.DataFrame:
