@@ -306,7 +306,7 @@ def training_curves(logs: dict[str, pd.DataFrame], path, colors: dict) -> None:
                 axis.set_xlabel("iteration", fontsize="small")
         if first:
             axes[index, 0].set_ylabel(method, fontsize="medium", fontweight="bold", color=_darker(color))
-    style.save(fig, path)
+    style.save(fig, path, tight=False)   # constrained layout, nothing outside the panels
 
 
 #: panels a row in the tuning figure
