@@ -20,6 +20,7 @@ rule syn_supervision:
         prepared=prepared_folder,
         out=method_folder,
     threads: CONFIG["torch_threads"]
+    priority: 2   # before the trainings: the supervised methods' trainings wait for it
     resources:
         **job_resources("syn_supervision"),
     log:

@@ -14,6 +14,9 @@ rule train:
         out=method_folder,
         supervision=supervision_folder,
     threads: CONFIG["torch_threads"]
+    # every training before any registration that is ready: the short register jobs then fill the cores while the
+    # last trainings run, instead of a long training starting last on a machine that has nothing else to do
+    priority: 1
     resources:
         **job_resources("train"),
     log:
