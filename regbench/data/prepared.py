@@ -51,6 +51,7 @@ class PreparedDataset:
             self.hidden = {}
         self.subjects = subjects.set_index("subject", drop=False)
         self.label_values = self.labels["label"].to_numpy(dtype=np.int64).copy()
+        self._split_subjects: dict[str, tuple[str, ...]] = {}
 
     def without_test(self) -> "PreparedDataset":
         """The same folder, seen with its train and val splits only (:data:`CHOOSING_SPLITS`)."""
@@ -71,7 +72,10 @@ class PreparedDataset:
         return wanted if wanted in self.contrasts else None
 
     def split_subjects(self, split: str) -> list[str]:
-        return self.subjects.index[self.subjects["split"] == split].tolist()
+        """The subjects of ``split`` in subjects.csv's order (looked up once: a training step asks every time)."""
+        if split not in self._split_subjects:
+            self._split_subjects[split] = tuple(self.subjects.index[self.subjects["split"] == split])
+        return list(self._split_subjects[split])
 
     def split_pairs(self, split: str) -> pd.DataFrame:
         self._check_split(split)
