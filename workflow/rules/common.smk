@@ -107,6 +107,12 @@ def trained_model(wildcards):
     return []
 
 
+def register_priority(wildcards):
+    """A tool that trains nothing registers as early as a training starts (its register jobs are the long ones,
+    ready from the start); a trained run's are short and fill the cores while the last trainings run."""
+    return 0 if is_trainable(wildcards.method) else 1
+
+
 # ----------------------------------------------------------------------------- SyN supervision (BIRNet)
 
 def needs_supervision(method_id):

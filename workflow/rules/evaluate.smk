@@ -14,6 +14,7 @@ rule register:
         out=method_folder,
         run=trained_run,
     threads: CONFIG["torch_threads"]
+    priority: register_priority
     resources:
         **job_resources("register"),
     log:
@@ -67,6 +68,7 @@ rule register_on:
         run=trained_run,
         out=method_folder,
     threads: CONFIG["torch_threads"]
+    priority: register_priority
     resources:
         **job_resources("register"),
     log:
