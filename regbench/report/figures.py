@@ -7,12 +7,15 @@ recorded for a method without training), then scored again; ``figures.json`` rec
 and the recomputed scores side by side (on CPU they are identical).
 
 The median test pair is the pair whose Dice, averaged over the methods, is the median of the test
-pairs (the lower median for an even count): a typical pair, the same for every method.
+pairs (the lower median for an even count): a typical pair, the same for every method. Its registrations run
+in a second process while the other figures are drawn (the report job asks for two threads).
 """
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +240,24 @@ def write_figures(results_dir, prepared_dir, dataset_id: str, method_ids: list[s
     colors = style.method_colors(method_ids)
     board = pd.read_csv(results_dir / dataset_id / "leaderboard.csv")
     order = [m for m in board["method"] if m in method_ids]
+    # a fresh interpreter (spawn): torch's thread pools do not survive a fork
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        example = pool.submit(example_figure, results_dir, prepared_dir, dataset_id, order, settings,
+                              paths["median_pair"], colors)
+        tuning = _draw_run_figures(results_dir, dataset_id, board, order, paths, colors, lock, lock_file)
+        facts = {"dataset": dataset_id, **example.result(), "tuning": tuning}
+    for method, scores in facts["scores"].items():
+        if not np.isclose(scores["recomputed"]["dice"], scores["evaluated"]["dice"], rtol=0, atol=1e-6, equal_nan=True):
+            log.warning("%s: Dice of the median pair recomputed for the figure is %.6f, the evaluation gave %.6f "
+                        "(a method that is not deterministic on this device)", method,
+                        scores["recomputed"]["dice"], scores["evaluated"]["dice"])
+    write_json(facts_path(results_dir, dataset_id), facts)
+    return paths
+
+
+def _draw_run_figures(results_dir: Path, dataset_id: str, board: pd.DataFrame, order: list[str], paths: dict,
+                      colors: dict, lock: dict | None, lock_file: str | None) -> dict:
+    """Every figure but the example, from what the run wrote; returns the tuning facts."""
     folders = run_folders(results_dir, dataset_id, order)
     method_dirs = {m: folders[m][0] for m in order}   # the first run: training curves, devices
     labels = seed_averaged_tables(folders, "labels.csv", ["fixed", "moving", "label", "name"])
@@ -261,29 +282,25 @@ def write_figures(results_dir, prepared_dir, dataset_id: str, method_ids: list[s
              if lock and m in lock.get("methods", {})}
     plots.tuning_trials(tuned, paths["tuning"], colors, {m: lock["methods"][m].get("trial") for m in tuned},
                         note="Not tuned on this dataset: every method trains with its recipe's own values.")
+    return tuning
 
+
+def example_figure(results_dir, prepared_dir, dataset_id: str, method_ids: list[str], settings: dict | None,
+                   path, colors: dict) -> dict:
+    """The median pair registered by every method, drawn at ``path``; returns its facts for figures.json (the pair,
+    the slice shown, each method's scores recomputed and as evaluated)."""
+    example = register_median_pair(results_dir, prepared_dir, dataset_id, method_ids, settings)
     info = read_json(Path(prepared_dir) / "dataset.json")
-    example = register_median_pair(results_dir, prepared_dir, dataset_id, order, settings)
     orientation = info.get("orientation") or (info.get("provenance") or {}).get("orientation")
     display = Display(example["fixed"].shape, display_axes(orientation, int(info["ndim"])))
     rows = [{"method": m, "warped": display.image(e["warped"]), "jacobian": display.image(e["jacobian"]),
              "grid": display.grid_lines(e["u"]), **e["scores"]} for m, e in example["methods"].items()]
-    plots.registration_examples(display.image(example["fixed"]), display.image(example["moving"]), rows,
-                                paths["median_pair"], colors)
-    facts = {
-        "dataset": dataset_id,
+    plots.registration_examples(display.image(example["fixed"]), display.image(example["moving"]), rows, path, colors)
+    return {
         "median_pair": {"fixed": example["fixed_id"], "moving": example["moving_id"]},
         "slice": None if display.index is None else {"axis": display.axes["slice_axis"], "index": display.index},
         "scores": {m: {"recomputed": e["scores"], "evaluated": e["evaluated"]} for m, e in example["methods"].items()},
-        "tuning": tuning,
     }
-    for method, scores in facts["scores"].items():
-        if not np.isclose(scores["recomputed"]["dice"], scores["evaluated"]["dice"], rtol=0, atol=1e-6, equal_nan=True):
-            log.warning("%s: Dice of the median pair recomputed for the figure is %.6f, the evaluation gave %.6f "
-                        "(a method that is not deterministic on this device)", method,
-                        scores["recomputed"]["dice"], scores["evaluated"]["dice"])
-    write_json(facts_path(results_dir, dataset_id), facts)
-    return paths
 
 
 def device_text(record: dict) -> str:

@@ -31,7 +31,7 @@ rule report_dataset:
         prepared=prepared_folder,
         methods=",".join(METHODS),
         lock=named_lock_file,
-    threads: CONFIG["torch_threads"]
+    threads: CONFIG["torch_threads"] + 1   # the median pair registers in a second process beside the drawing
     resources:
         **job_resources("report_dataset"),
     log:
