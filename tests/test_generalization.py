@@ -130,6 +130,10 @@ def test_every_run_is_scored_on_the_target_and_the_table_joins_them(tiny_run):
             assert len(pairs) == n_pairs
             summary = json.loads((results / method / f"seed{seed}" / "on_embedded2d_shift" / "eval.json").read_text())
             assert (summary["dataset"], summary["trained_on"]) == ("embedded2d_shift", "embedded2d")
+            # one job a run: its own test pairs, then the target's, from one load of the model
+            log_text = (tiny_run / "results" / "logs" / "embedded2d" / method / f"seed{seed}" / "register.log").read_text()
+            assert f"{method} on embedded2d: mean Dice" in log_text and f"{method} on embedded2d_shift: mean Dice" in log_text
+    assert not list((tiny_run / "results" / "logs").rglob("register_on_*.log"))
     table = pd.read_csv(results / "generalization.csv")
     assert sorted(zip(table["method"], table["evaluated_on"])) == sorted(
         (m, d) for m in ("identity", "affine", "voxelmorph") for d in ("embedded2d", "embedded2d_shift"))

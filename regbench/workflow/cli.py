@@ -73,42 +73,63 @@ def cmd_train(args) -> None:
 
 
 def cmd_register(args) -> None:
+    """Register and score one run's test pairs; with --on, also other datasets' (config evaluate_on), the model
+    loaded once and each dataset scored into its own folder."""
     from regbench import plugins
     from regbench.data.prepared import PreparedDataset
+    from regbench.io import read_json
     from regbench.training.loop import load_trained
 
     settings = _settings(args.settings)
     device = _prepare_runtime(settings)
     method = plugins.load_method(settings["method"])
-    dataset = PreparedDataset(args.prepared)
-    recipe = settings["recipe"]
-    net = None
     run = Path(args.run or args.out)   # the training run whose model registers
-    failed = read_failure(run)
-    if failed is not None and (run == Path(args.out) or failed["step"] == "train"):
-        # training failed and on_failure is skip: the failure passes on to the leaderboard
-        record_failure(Path(args.out), settings.get("row", settings["method"]), failed["step"], failed["error"],
-                       evaluation=True)
-        return
     trained_on = None
     if args.trained_on:   # a run of another dataset registers this one's test pairs
-        from regbench.io import read_json
+        trained_on = _grid_of(read_json(Path(args.trained_on) / "dataset.json"))
+    jobs = [(args.prepared, Path(args.out), settings, trained_on)]
+    if args.on:   # the same run on other datasets' test pairs, resampled onto the grid it was trained on
+        own = _grid_of(read_json(Path(args.prepared) / "dataset.json"))
+        jobs += [(target["prepared"], Path(target["out"]), target["settings"], own) for target in _targets(args.on)]
+    failed = read_failure(run)
+    net, trained_recipe = None, None
+    for prepared, out, job_settings, grid in jobs:
+        row = job_settings.get("row", job_settings["method"])
+        if failed is not None and (run == out or failed["step"] == "train"):
+            # training failed and on_failure is skip: the failure passes on to the leaderboard
+            record_failure(out, row, failed["step"], failed["error"], evaluation=True)
+            continue
+        try:
+            if method.trainable and net is None:
+                net, trained_recipe = load_trained(method, run / "model.pt", device)
+            recipe = trained_recipe if method.trainable else job_settings["recipe"]
+            dataset = PreparedDataset(prepared)
+            table = _register(out, job_settings, method, recipe, dataset, net, device, grid)
+        except Exception as err:
+            if job_settings.get("on_failure", "stop") != "skip":
+                raise
+            record_failure(out, row, "register", err, evaluation=True)
+            continue
+        log.info("%s on %s: mean Dice %.4f over %d pairs", method.name, dataset.name, table["dice"].mean(), len(table))
 
-        info = read_json(Path(args.trained_on) / "dataset.json")
-        trained_on = {"id": info["id"], "shape": info["shape"], "spacing": info["spacing"]}
+
+def _grid_of(info: dict) -> dict:
+    return {"id": info["id"], "shape": info["shape"], "spacing": info["spacing"]}
+
+
+def _targets(text: str) -> list[dict]:
+    """--on: a JSON list of {prepared, out, settings}, one per other dataset."""
     try:
-        if method.trainable:
-            net, recipe = load_trained(method, run / "model.pt", device)
-        table = _register(args, settings, method, recipe, dataset, net, device, trained_on)
-    except Exception as err:
-        if settings.get("on_failure", "stop") != "skip":
-            raise
-        record_failure(Path(args.out), settings.get("row", settings["method"]), "register", err, evaluation=True)
-        return
-    log.info("%s: mean Dice %.4f over %d pairs", method.name, table["dice"].mean(), len(table))
+        targets = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"regbench register: --on is not valid JSON ({err})")
+    if not isinstance(targets, list) or not all(isinstance(t, dict) and {"prepared", "out", "settings"} <= set(t)
+                                                 for t in targets):
+        raise SystemExit("regbench register: --on must be a JSON list of {prepared, out, settings} objects")
+    return targets
 
 
-def _register(args, settings, method, recipe, dataset, net, device, trained_on=None):
+def _register(out: Path, settings, method, recipe, dataset, net, device, trained_on=None):
     from regbench.evaluation.scoring import evaluate_method
     from regbench.runtime import provenance
 
@@ -122,11 +143,11 @@ def _register(args, settings, method, recipe, dataset, net, device, trained_on=N
                                                    options["lr"])
 
         registration, record = fine_tuned, {"instance_optimisation": {**options, "method": method.name}}
-    return evaluate_method(method, recipe, dataset, args.out, net=net, device=device,
+    return evaluate_method(method, recipe, dataset, out, net=net, device=device,
                             runtime_repeats=settings["evaluation"]["runtime_repeats"],
                             label_warp=settings["evaluation"]["label_warp"],
                             provenance=provenance(settings, device), progress=True,
-                            export_dir=Path(args.out) / "displacements" if settings["evaluation"].get("export_displacements") else None,
+                            export_dir=out / "displacements" if settings["evaluation"].get("export_displacements") else None,
                             mixed_precision=settings.get("mixed_precision", False),
                             recipe_name=settings.get("recipe_name"), trained_on=trained_on,
                             registration=registration, row_id=settings.get("row"), record=record)
@@ -371,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "results/<trained on>/<method>/seed<seed>")
     p.add_argument("--trained-on", help="the prepared folder of the dataset the run was trained on, when --prepared is "
                                         "another one (cross-dataset evaluation: resampled onto the training grid)")
+    p.add_argument("--on", help='JSON: [{"prepared": ..., "out": ..., "settings": {...}}], other datasets whose test '
+                                "pairs the same run registers after --prepared's (config evaluate_on), each into its "
+                                "own folder")
     p.set_defaults(func=cmd_register)
 
     p = commands.add_parser("tune", help="tune one method on one prepared dataset's val split (Optuna, resumable)")

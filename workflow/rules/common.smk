@@ -2,6 +2,7 @@
 # files of this folder; every function they call is here (snakemake-workflows' convention).
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -57,11 +58,18 @@ def run_files(name, dataset="{dataset}"):
 TARGETS = {d: evaluation_targets(CONFIG, d) for d in DATASETS}
 
 
-def target_settings_json(wildcards):
-    """A run's settings (its training dataset's recipe and tuned values) and the target it registers."""
-    settings = job_settings(CONFIG, wildcards.dataset, wildcards.method, seed=int(wildcards.seed),
-                            evaluated_on=wildcards.target)
-    return json.dumps(settings, sort_keys=True)
+def targets_json(wildcards, targets):
+    """What a run registers besides its own test pairs (`regbench register --on`): per target, its prepared folder,
+    the run's on_<target> folder and the run's settings (its training dataset's recipe and tuned values) naming it."""
+    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/seed{wildcards.seed}"
+    return json.dumps([{"prepared": f"{DATA}/{t}/prepared", "out": f"{run}/on_{t}",
+                        "settings": job_settings(CONFIG, wildcards.dataset, wildcards.method, seed=int(wildcards.seed),
+                                                 evaluated_on=t)} for t in targets], sort_keys=True)
+
+
+# the datasets that register their own test pairs only (rule register); the others have a rule each (evaluate.smk)
+OWN_PAIRS_ONLY = "(?!(?:{})/)[^/]+".format("|".join(re.escape(d) for d in DATASETS if TARGETS[d])) if any(
+    TARGETS.values()) else "[^/]+"
 
 
 def target_run_files(wildcards):

@@ -1,5 +1,7 @@
 rule register:
     """Register every test pair with one run of a method and score it (one row a pair, one row a pair x label)."""
+    wildcard_constraints:
+        dataset=OWN_PAIRS_ONLY,   # a dataset evaluated elsewhere too registers in register_<dataset> (below)
     input:
         info=rules.prepare.output.info,
         arrays=rules.prepare.output.arrays,
@@ -49,33 +51,46 @@ rule aggregate:
         " --seeds {params.seeds:q} --bootstrap {params.bootstrap:q} > {log} 2>&1"
 
 
-rule register_on:
-    """Register another dataset's test pairs (config evaluate_on) with one run trained on this dataset; the images are
-    resampled onto the grid the network was trained on, and the displacement is scored on the target's grid."""
-    input:
-        info=f"{DATA}/{{target}}/prepared/dataset.json",
-        arrays=f"{DATA}/{{target}}/prepared/arrays/index.csv",
-        trained_on=rules.prepare.output.info,
-        model=trained_model,
-    output:
-        pairs=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/on_{{target}}/pairs.csv",
-        labels=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/on_{{target}}/labels.csv",
-        summary=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/on_{{target}}/eval.json",
-    params:
-        settings=target_settings_json,
-        prepared=prepared_folder,
-        trained_on=lambda wildcards, input: os.path.dirname(input.trained_on),
-        run=trained_run,
-        out=method_folder,
-    threads: CONFIG["torch_threads"]
-    priority: register_priority
-    resources:
-        **job_resources("register"),
-    log:
-        f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/register_on_{{target}}.log",
-    shell:
-        "regbench register --prepared {params.prepared} --out {params.out} --run {params.run}"
-        " --trained-on {params.trained_on} --settings {params.settings:q} > {log} 2>&1"
+# A dataset whose runs also register other datasets' test pairs (config evaluate_on) has a register rule of its own:
+# one job a run registers its test pairs, then each target's, into results/<dataset>/<method>/seed<k>/on_<target>/,
+# the model loaded once (a job a target cost a Python start-up, and elastix ITK's, for a few seconds of work). On a
+# target the images are resampled onto the grid the network was trained on and the displacement is scored on the
+# target's grid; a method that does not train registers the target directly with this dataset's recipe.
+for _dataset, _targets in TARGETS.items():
+    if not _targets:
+        continue
+
+    rule:
+        name:
+            f"register_{_dataset}"
+        wildcard_constraints:
+            dataset=re.escape(_dataset),
+        input:
+            info=rules.prepare.output.info,
+            arrays=rules.prepare.output.arrays,
+            targets=[f"{DATA}/{t}/prepared/{name}" for t in _targets for name in ("dataset.json", "arrays/index.csv")],
+            model=trained_model,
+        output:
+            pairs=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/pairs.csv",
+            labels=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/labels.csv",
+            summary=f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/eval.json",
+            **{f"{kind}_on_{t}": f"{RESULTS}/{{dataset}}/{{method}}/seed{{seed}}/on_{t}/{kind}.{ext}"
+               for t in _targets for kind, ext in (("pairs", "csv"), ("labels", "csv"), ("eval", "json"))},
+        params:
+            settings=settings_json,
+            prepared=prepared_folder,
+            out=method_folder,
+            run=trained_run,
+            on=lambda wildcards, targets=tuple(_targets): targets_json(wildcards, targets),
+        threads: CONFIG["torch_threads"]
+        priority: register_priority
+        resources:
+            **job_resources("register"),
+        log:
+            f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/register.log",
+        shell:
+            "regbench register --prepared {params.prepared} --out {params.out} --run {params.run}"
+            " --settings {params.settings:q} --on {params.on:q} > {log} 2>&1"
 
 
 rule aggregate_on:
