@@ -178,3 +178,15 @@ def test_the_report_and_the_markdown_show_the_generalization_table(tiny_run):
     assert "### Trained on embedded2d, tested elsewhere" in markdown
     line = next(l for l in markdown.split("### Trained on embedded2d")[1].splitlines() if l.startswith("| voxelmorph |"))
     assert line.startswith("| voxelmorph | none | ") and f"| {voxelmorph['dice_drop']:+.3f} (" in line
+
+
+@pytest.mark.parametrize("on, message", [("[{", "--on is not valid JSON"),
+                                         ('[{"prepared": "data/x/prepared"}]', "must be a JSON list of")])
+def test_a_bad_on_argument_is_one_error_before_anything_is_read_or_written(tmp_path, on, message):
+    from regbench.workflow import cli
+
+    settings = {"method": "identity", "torch_threads": 1, "device": "cpu", "recipe": {}}
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["register", "--prepared", str(tmp_path / "missing"), "--out", str(tmp_path / "out"),
+                  "--settings", json.dumps(settings), "--on", on])
+    assert not (tmp_path / "out").exists()

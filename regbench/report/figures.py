@@ -8,7 +8,7 @@ and the recomputed scores side by side (on CPU they are identical).
 
 The median test pair is the pair whose Dice, averaged over the methods, is the median of the test
 pairs (the lower median for an even count): a typical pair, the same for every method. Its registrations run
-in a second process while the other figures are drawn (the report job asks for two threads).
+in a second process while the other figures are drawn (the report job asks for one thread more).
 """
 from __future__ import annotations
 

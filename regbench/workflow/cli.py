@@ -81,6 +81,7 @@ def cmd_register(args) -> None:
     from regbench.training.loop import load_trained
 
     settings = _settings(args.settings)
+    targets = _targets(args.on) if args.on else []
     device = _prepare_runtime(settings)
     method = plugins.load_method(settings["method"])
     run = Path(args.run or args.out)   # the training run whose model registers
@@ -88,9 +89,9 @@ def cmd_register(args) -> None:
     if args.trained_on:   # a run of another dataset registers this one's test pairs
         trained_on = _grid_of(read_json(Path(args.trained_on) / "dataset.json"))
     jobs = [(args.prepared, Path(args.out), settings, trained_on)]
-    if args.on:   # the same run on other datasets' test pairs, resampled onto the grid it was trained on
+    if targets:   # the same run on other datasets' test pairs, resampled onto the grid it was trained on
         own = _grid_of(read_json(Path(args.prepared) / "dataset.json"))
-        jobs += [(target["prepared"], Path(target["out"]), target["settings"], own) for target in _targets(args.on)]
+        jobs += [(target["prepared"], Path(target["out"]), target["settings"], own) for target in targets]
     failed = read_failure(run)
     net, trained_recipe = None, None
     for prepared, out, job_settings, grid in jobs:

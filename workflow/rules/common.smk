@@ -58,11 +58,11 @@ def run_files(name, dataset="{dataset}"):
 TARGETS = {d: evaluation_targets(CONFIG, d) for d in DATASETS}
 
 
-def targets_json(wildcards, targets):
+def targets_json(wildcards, output, targets):
     """What a run registers besides its own test pairs (`regbench register --on`): per target, its prepared folder,
-    the run's on_<target> folder and the run's settings (its training dataset's recipe and tuned values) naming it."""
-    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.method}/seed{wildcards.seed}"
-    return json.dumps([{"prepared": f"{DATA}/{t}/prepared", "out": f"{run}/on_{t}",
+    the folder of the job's outputs on it (pairs_on_<target>) and the run's settings (its training dataset's recipe
+    and tuned values) naming it."""
+    return json.dumps([{"prepared": f"{DATA}/{t}/prepared", "out": os.path.dirname(output[f"pairs_on_{t}"]),
                         "settings": job_settings(CONFIG, wildcards.dataset, wildcards.method, seed=int(wildcards.seed),
                                                  evaluated_on=t)} for t in targets], sort_keys=True)
 

@@ -81,7 +81,7 @@ for _dataset, _targets in TARGETS.items():
             prepared=prepared_folder,
             out=method_folder,
             run=trained_run,
-            on=lambda wildcards, targets=tuple(_targets): targets_json(wildcards, targets),
+            on=lambda wildcards, output, targets=tuple(_targets): targets_json(wildcards, output, targets),
         threads: CONFIG["torch_threads"]
         priority: register_priority
         resources:
