@@ -36,22 +36,14 @@ def run_once(workdir: Path, configfile: Path) -> float:
     return time.perf_counter() - start
 
 
-def p_against_identity(stats: pd.DataFrame, method: str) -> float:
-    """Holm-adjusted p of the paired Wilcoxon test of ``method``'s seed-averaged test Dice against identity's
-    (stats.csv: Holm over every pair of methods); NaN for identity itself or without a test."""
-    rows = stats[(stats["metric"] == "dice") & (((stats["method_a"] == method) & (stats["method_b"] == "identity"))
-                                                 | ((stats["method_b"] == method) & (stats["method_a"] == "identity")))]
-    return float(rows["p_holm"].iloc[0]) if len(rows) else float("nan")
-
-
-def figures_table(board: pd.DataFrame, stats: pd.DataFrame, seconds: float, commit: str, configfile: Path) -> str:
+def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: Path) -> str:
     """The README's table: rank with its interval, method, what it learned from, Dice mean ± std and its interval,
     folding, runtime per pair and training time, and a line saying what produced it."""
     lines = ["| rank | method | learns from | Dice | Dice 95 % CI | p vs identity | folds (%) | runtime (s) | training (s) |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, row in board.iterrows():
         train = "–" if pd.isna(row.get("train_time_s")) else f"{row['train_time_s']:.0f}"
-        p = p_against_identity(stats, row["method"])
+        p = row.get("dice_p_vs_identity", float("nan"))
         p_text = "–" if pd.isna(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
         lines.append(f"| {rank_text(row)} | {method_label(row)} | {row['supervision']} | "
                      f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} | "
@@ -63,7 +55,8 @@ def figures_table(board: pd.DataFrame, stats: pd.DataFrame, seconds: float, comm
                  f"(`{configfile.relative_to(ROOT) if configfile.is_relative_to(ROOT) else configfile}`, "
                  f"{seeds} seeds, {int(board['n_pairs'].max())} test pairs): {seconds / 60:.1f} min of wall time on "
                  f"this machine's CPU, from nothing. p vs identity: paired Wilcoxon signed-rank test of the seed-averaged "
-                 f"test Dice against no registration, Holm-corrected over every pair of methods (stats.csv). "
+                 f"test Dice against no registration, Holm-corrected over every pair of methods "
+                 f"(leaderboard.csv's dice_p_vs_identity, from stats.csv). "
                  f"Training time: mean over the seeds, one thread.")
     return "\n".join(lines)
 
@@ -99,7 +92,7 @@ def main() -> None:
             print(f"run {run + 1}: snakemake --cores all took {seconds[-1]:.1f} s")
             for board_path in sorted((workdir / "results").glob("*/leaderboard.csv")):
                 board = pd.read_csv(board_path)
-                boards.append((board_path.parent.name, run, board, pd.read_csv(board_path.parent / "stats.csv")))
+                boards.append((board_path.parent.name, run, board))
                 for _, row in board.iterrows():
                     print(f"  {board_path.parent.name}: {rank_text(row):>9} {method_label(row):34s} "
                           f"Dice {row['dice_mean']:.4f} [{row['dice_ci_low']:.4f}, {row['dice_ci_high']:.4f}] "
@@ -110,7 +103,7 @@ def main() -> None:
                 print(generalization[["method", "evaluated_on", "dice_mean", "dice_drop", "rank"]].to_string(index=False))
     if args.runs > 1:
         by_dataset: dict[str, list[pd.DataFrame]] = {}
-        for dataset, _, board, _ in boards:
+        for dataset, _, board in boards:
             by_dataset.setdefault(dataset, []).append(board)
         for dataset, runs in by_dataset.items():
             keep = [c for c in runs[0].columns if not c.startswith(TIMING_COLUMNS)]
@@ -118,7 +111,7 @@ def main() -> None:
             print(f"{dataset}: leaderboards identical apart from timings: {same}")
     if args.readme:
         write_between_markers(args.readme, "default-run",
-                              figures_table(boards[0][2], boards[0][3], seconds[0], commit, args.configfile.resolve()))
+                              figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve()))
         if generalization is not None:
             write_between_markers(args.readme, "default-run-generalization",
                                   generalization_figures(generalization, commit, args.configfile.resolve()))

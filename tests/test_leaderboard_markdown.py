@@ -30,3 +30,39 @@ def test_a_rank_the_data_fix_prints_alone():
     assert rank_text({"rank": 4, "rank_low": 2, "rank_high": 6}) == "4 (2-6)"
     assert rank_text({"class_rank": 1, "class_rank_low": 1, "class_rank_high": 2}, "class_") == "1 (1-2)"
     assert rank_text({}) == "–"
+
+
+def test_a_row_no_better_than_no_registration_is_marked():
+    rows = board([("a", 0.8, 0.0, "image", "none", (1, 1, 1)), ("identity", 0.6, 0.0, "image", "classical", (2, 2, 3)),
+                  ("c", 0.59, 0.0, "image", "none", (3, 2, 3))])
+    rows["dice_beats_identity"] = [True, float("nan"), False]
+    lines = markdown_table(rows).splitlines()
+    assert "| a ◆ |" in lines[2] and "○" not in lines[2]
+    assert "| identity |" in lines[3]                      # the floor itself carries no mark
+    assert "| c ○ |" in lines[4]
+
+
+def test_the_leaderboard_tests_every_row_against_no_registration(tmp_path):
+    """Scores written by hand for 12 pairs: "good" beats identity on every pair, "flat" only wobbles around it."""
+    import numpy as np
+
+    from regbench.evaluation import aggregate
+    from regbench.io import write_csv, write_json
+    from regbench.layout import run_dir
+
+    floor = np.linspace(0.5, 0.7, 12)
+    wobble = np.tile([0.01, -0.01], 6)
+    for method, dice in (("identity", floor), ("good", floor + 0.05 + wobble / 5), ("flat", floor + wobble)):
+        folder = run_dir(tmp_path, "toy", method, 0)
+        write_csv(folder / "pairs.csv", pd.DataFrame({"fixed": [f"f{i}" for i in range(12)],
+                                                      "moving": [f"m{i}" for i in range(12)], "dice": dice}))
+        write_json(folder / "eval.json", {"supervision": "none", "deviations": []})
+    aggregate.write_leaderboard(tmp_path, "toy", ["identity", "good", "flat"], resamples=100)
+    board = pd.read_csv(tmp_path / "toy" / "leaderboard.csv").set_index("method")   # as the report reads it
+    assert board.at["good", "dice_p_vs_identity"] < 0.05 and board.at["flat", "dice_p_vs_identity"] == 1.0
+    assert board.at["good", "dice_beats_identity"] and not board.at["flat", "dice_beats_identity"]
+    assert pd.isna(board.at["identity", "dice_p_vs_identity"])
+    write_json(tmp_path / "toy" / "leaderboard.json", {"failed": {}})
+    names = {line.split(" | ")[1] for line in aggregate.write_markdown(tmp_path, ["toy"]).splitlines()
+             if line.startswith("| ") and "---" not in line}
+    assert {"good ◆", "flat ○", "identity"} <= names

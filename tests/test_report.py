@@ -99,7 +99,7 @@ def test_the_report_rules_write_every_figure_and_the_page(run):
     assert "regbench commit" in page and "torch <code>" in page
     markdown = (results / "leaderboard.md").read_text()
     for method in METHODS:
-        assert re.search(rf"^\| [^|]+ \| {method}( ◆)?( †)? \|", markdown, re.M)
+        assert re.search(rf"^\| [^|]+ \| {method}( ◆)?( ○)?( †)? \|", markdown, re.M)
 
 
 def test_the_report_says_what_was_tuned_and_the_run_trains_with_it(run):
@@ -209,6 +209,20 @@ def test_marks_compare_like_with_like(tmp_path):
     assert "best" in dice["b"] and "best" in dice["c"]
     assert "◆" not in dice["a"] and "against c: Holm-adjusted p = 0.01" in dice["a"]
     assert "learns from" in table and ">none<" in table and ">labels<" in table
+
+
+def test_a_row_no_better_than_no_registration_is_marked_with_its_p(tmp_path):
+    _fake_results(tmp_path, "toy")
+    board = pd.read_csv(tmp_path / "toy" / "leaderboard.csv")
+    board["method"] = ["b", "c", "identity"]
+    board["dice_p_vs_identity"] = [0.004, 0.2, np.nan]
+    board["dice_beats_identity"] = [True, False, np.nan]
+    board.to_csv(tmp_path / "toy" / "leaderboard.csv", index=False)
+    table = report_page.DatasetSection(tmp_path, "toy", ["identity", "b", "c"]).tables_html()
+    names = dict(re.findall(r"</span>(\w+)(.*?)</th>", table))
+    assert names["b"] == "" and names["identity"] == ""
+    assert "○" in names["c"] and "Holm-adjusted p = 0.2" in names["c"]
+    assert "○: Dice not significantly higher than no registration" in table
 
 
 def test_published_numbers_appear_where_the_dataset_and_method_match(tmp_path):

@@ -50,6 +50,32 @@ def test_not_worse_than_best_marks_the_tied_methods():
     assert verdict["best"] and verdict["tied"] and not verdict["worse"]
 
 
+def test_p_against_finds_the_reference_on_either_side_of_the_metric_s_tests():
+    tests = pd.DataFrame({"metric": ["dice", "dice", "dice", "hd95"], "method_a": ["identity", "syn", "syn", "identity"],
+                          "method_b": ["voxelmorph", "identity", "voxelmorph", "syn"], "p_holm": [0.0004, 0.03, 0.5, 0.9]})
+    assert stats.p_against(tests, "dice", "identity") == {"voxelmorph": 0.0004, "syn": 0.03}
+    assert stats.p_against(tests, "hd95", "identity") == {"syn": 0.9}
+
+
+def test_better_than_no_registration_needs_a_higher_mean_and_a_significant_test():
+    rng = np.random.default_rng(3)
+    floor = rng.normal(0.6, 0.05, 22)
+    tables = {"identity": table(floor), "good": table(floor + 0.05 + rng.normal(0, 0.01, 22)),
+              "same": table(floor + rng.normal(0, 0.01, 22)), "bad": table(floor - 0.05 + rng.normal(0, 0.01, 22))}
+    board = pd.DataFrame({"method": list(tables), "dice_mean": [t["dice"].mean() for t in tables.values()]})
+    tests = stats.paired_tests(tables, ["dice"])
+    verdict = stats.better_than_reference(board, tests, "dice", "identity")
+    # significantly different from the floor is not enough: "bad" is, and lies below it
+    assert stats.p_against(tests, "dice", "identity")["bad"] < 0.05
+    assert verdict == {"good": True, "same": False, "bad": False}
+    # lower is better for HD95: a method with smaller distances than the floor's beats it
+    hd = {m: table(5 - 4 * t["dice"].to_numpy(), "hd95") for m, t in tables.items()}
+    board["hd95_mean"] = [t["hd95"].mean() for t in hd.values()]
+    assert stats.better_than_reference(board, stats.paired_tests(hd, ["hd95"]), "hd95", "identity")["good"]
+    # a board without the floor has nothing to say
+    assert stats.better_than_reference(board[board.method != "identity"], tests, "dice", "identity") == {}
+
+
 def test_rank_scores_share_ties():
     # wins 0, 2, 2, 1: places 0.1 (0 wins), 0.4 (1 win), 0.7 and 1.0 shared by the two with 2 wins
     np.testing.assert_allclose(stats.rank_scores([0, 2, 2, 1]), [0.1, 0.85, 0.85, 0.4])

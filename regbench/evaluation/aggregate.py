@@ -53,7 +53,8 @@ def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000, boots
     for every metric the mean, std and median over the pairs, the between-seed std of the mean (``_seed_std``) and
     a bootstrap 95 % interval of the mean over pairs and seeds (``_ci_low``, ``_ci_high``); n_pairs, n_seeds,
     dsc30 (the 0.3 quantile of pair Dice), ``dice_not_worse`` (best mean Dice, or not significantly worse than it
-    after Holm correction) overall and within the class, the rank by mean Dice with its bootstrap interval and the
+    after Holm correction) overall and within the class, ``dice_p_vs_identity`` and ``dice_beats_identity`` (the
+    Holm-adjusted p against no registration, and whether the row's mean Dice is significantly higher), the rank by mean Dice with its bootstrap interval and the
     probability of ranking first, overall and within the class, parameters, training time and device, and
     Learn2Reg's rank scores. Methods are compared on the same pairs only.
 
@@ -127,6 +128,11 @@ def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000, boots
             in_class.update(stats.not_worse_than_best(members, tests, "dice"))
         board.insert(board.columns.get_loc("dice_not_worse") + 1, "dice_not_worse_in_class",
                      board["method"].map(in_class))
+        # the floor: is the row better than no registration at all (NaN: no identity row, or identity itself)?
+        board.insert(board.columns.get_loc("dice_not_worse_in_class") + 1, "dice_p_vs_identity",
+                     board["method"].map(stats.p_against(tests, "dice", "identity")))
+        board.insert(board.columns.get_loc("dice_p_vs_identity") + 1, "dice_beats_identity",
+                     board["method"].map(stats.better_than_reference(board, tests, "dice", "identity")))
         board = board.merge(stats.learn2reg_rank(averaged), on="method")
         board = board.sort_values("dice_mean", ascending=False, kind="stable")
     ranks = pd.concat(distributions, ignore_index=True) if distributions else pd.DataFrame(
@@ -250,6 +256,7 @@ def markdown_table(board: pd.DataFrame) -> str:
             tied = name in best and fmt.format(mean) == fmt.format(best[name])  # the best, as printed
             cells.append(f"**{text}**" if tied else text)
         mark = " ◆" if row.get("dice_not_worse") in (True, "True") else ""
+        mark += " ○" if no_better_than_identity(row) else ""
         mark += " †" if _departs(row) else ""
         interval = ("–" if pd.isna(row.get("dice_ci_low", np.nan))
                     else f"{row['dice_ci_low']:.3f} to {row['dice_ci_high']:.3f}")
@@ -267,6 +274,11 @@ def rank_text(row, prefix: str = "") -> str:
     if low is None or pd.isna(low) or (int(low) == int(high) == int(rank)):
         return str(int(rank))
     return f"{int(rank)} ({int(low)}-{int(high)})"
+
+
+def no_better_than_identity(row) -> bool:
+    """The row's Dice is not significantly higher than no registration's (False where there is nothing to test)."""
+    return row.get("dice_beats_identity") in (False, "False")
 
 
 def _departs(row) -> bool:
@@ -300,7 +312,8 @@ def write_markdown(results_dir, dataset_ids: list[str], targets: dict[str, list[
                  "from: none (images only), labels (a segmentation loss), teacher (another tool's fields), classical "
                  "(no training). Each pair's score is averaged over the seeds; mean ± standard deviation over the test "
                  "pairs; bold: the best value of each column; ◆: the best mean Dice or not significantly worse than it "
-                 "(paired Wilcoxon signed-rank on the seed-averaged pairs, Holm-corrected, p < 0.05); "
+                 "(paired Wilcoxon signed-rank on the seed-averaged pairs, Holm-corrected, p < 0.05); ○: Dice not "
+                 "significantly higher than no registration's (identity), by the same test; "
                  "†: the row's recipe departs from its paper in a way that can change results (the method file's "
                  "deviations; the report lists them). "
                  "Definitions: spec/evaluation.md (Dice over the dataset's labels, HD95 in mm, folds: % of voxels with "

@@ -87,6 +87,28 @@ def not_worse_than_best(board: pd.DataFrame, tests: pd.DataFrame, metric: str = 
     return verdict
 
 
+def p_against(tests: pd.DataFrame, metric: str, reference: str) -> dict[str, float]:
+    """For each method tested against ``reference`` on ``metric``: the Holm-adjusted p of that paired test."""
+    rows = tests[(tests["metric"] == metric) & ((tests["method_a"] == reference) | (tests["method_b"] == reference))]
+    return {(row.method_b if row.method_a == reference else row.method_a): float(row.p_holm)
+            for row in rows.itertuples()}
+
+
+def better_than_reference(board: pd.DataFrame, tests: pd.DataFrame, metric: str = "dice",
+                          reference: str = "identity") -> dict[str, float]:
+    """For each method but ``reference`` (no registration, the floor of every table): True when its mean ``metric``
+    is better than the reference's and the paired test says so (Holm p < 0.05), else False; empty when the board has
+    no ``reference`` row."""
+    means = board.set_index("method")[f"{metric}_mean"]
+    if reference not in means.index:
+        return {}
+    p = p_against(tests, metric, reference)
+    higher = HIGHER_IS_BETTER[metric]
+    return {method: bool(method in p and p[method] < ALPHA
+                         and (mean > means[reference] if higher else mean < means[reference]))
+            for method, mean in means.items() if method != reference}
+
+
 def _wins(samples: list[np.ndarray], higher: bool) -> np.ndarray:
     """Number of methods each method beats (rank-sum test, p < ALPHA, in the better direction)."""
     n = len(samples)

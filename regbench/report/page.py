@@ -246,7 +246,7 @@ class DatasetSection:
             cells = [f"<td class='rank' title='{html.escape(self.rank_title(row))}'>"
                      f"{html.escape(aggregate.rank_text(row))}</td>",
                      f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
-                     f"{html.escape(aggregate.method_label(row))}{self.departure_mark(method)}</th>",
+                     f"{html.escape(aggregate.method_label(row))}{self.floor_mark(row)}{self.departure_mark(method)}</th>",
                      f"<td class='text class'>{html.escape(str(cls or '–'))}"
                      f"<span class='s'>{html.escape(aggregate.rank_text(row, 'class_'))} of "
                      f"{len(classes.get(cls, []))}</span></td>"]
@@ -274,7 +274,8 @@ class DatasetSection:
                 f"the seed-averaged pairs, Holm-corrected within the metric, p ≥ {ALPHA}; hover a cell for its "
                 f"p-value). Units and definitions: spec/evaluation.md. L2R rank: Learn2Reg's "
                 f"overall rank (DSC, DSC30, HD95, SDlogJ, runtime). Device: where the method was trained"
-                f" and registered. †: the row's recipe departs from its paper in a way that can change results "
+                f" and registered. ○: Dice not significantly higher than no registration's (identity; the same test, hover"
+                f" it for its p-value). †: the row's recipe departs from its paper in a way that can change results "
                 f"(hover it, or see below).</p>")
         table = (f"<div class='table-wrap'><table class='leaderboard'><thead>{head}</thead>"
                  f"<tbody>{''.join(body)}</tbody></table></div>")
@@ -370,6 +371,16 @@ class DatasetSection:
 
     def deviations(self, method: str) -> list[dict]:
         return self.records.get(method, {}).get("eval", {}).get("deviations", [])
+
+    @staticmethod
+    def floor_mark(row) -> str:
+        """○ for a row whose Dice is not significantly higher than no registration's, its p as the tooltip."""
+        if not aggregate.no_better_than_identity(row):
+            return ""
+        p = row.get("dice_p_vs_identity", np.nan)
+        title = "Dice not significantly higher than no registration's" + (
+            "" if pd.isna(p) else f" (identity; Holm-adjusted p = {p:.3g})")
+        return f"<span class='floor' title='{html.escape(title)}'>○</span>"
 
     def departure_mark(self, method: str) -> str:
         """† with the deviations this row runs with as its tooltip; nothing for a row that is its paper."""
@@ -629,6 +640,7 @@ details.deviations ul{margin:.2rem 0;padding-left:1.2rem;font-size:.85rem;max-wi
 details.deviations li.other{color:var(--muted)}
 details.deviations li.other b{font-weight:500}
 .dev{color:#b35900;margin-left:.2rem;cursor:help}
+.floor{color:var(--muted);margin-left:.2rem;cursor:help}
 figure{margin:1.2rem 0 2rem}
 figure img{max-width:100%;height:auto;display:block;border:1px solid var(--line);border-radius:4px}
 figcaption{color:var(--muted);font-size:.85rem;margin-top:.4rem;max-width:70rem}
