@@ -51,8 +51,10 @@ def test_not_worse_than_best_marks_the_tied_methods():
 
 
 def test_p_against_finds_the_reference_on_either_side_of_the_metric_s_tests():
-    tests = pd.DataFrame({"metric": ["dice", "dice", "dice", "hd95"], "method_a": ["identity", "syn", "syn", "identity"],
-                          "method_b": ["voxelmorph", "identity", "voxelmorph", "syn"], "p_holm": [0.0004, 0.03, 0.5, 0.9]})
+    tests = pd.DataFrame({"metric": ["dice", "dice", "dice", "hd95"],
+                          "method_a": ["identity", "syn", "syn", "identity"],
+                          "method_b": ["voxelmorph", "identity", "voxelmorph", "syn"],
+                          "p_holm": [0.0004, 0.03, 0.5, 0.9]})
     assert stats.p_against(tests, "dice", "identity") == {"voxelmorph": 0.0004, "syn": 0.03}
     assert stats.p_against(tests, "hd95", "identity") == {"syn": 0.9}
 

@@ -54,9 +54,9 @@ def leaderboard(results_dir, dataset_id: str, runs, resamples: int = 1000, boots
     a bootstrap 95 % interval of the mean over pairs and seeds (``_ci_low``, ``_ci_high``); n_pairs, n_seeds,
     dsc30 (the 0.3 quantile of pair Dice), ``dice_not_worse`` (best mean Dice, or not significantly worse than it
     after Holm correction) overall and within the class, ``dice_p_vs_identity`` and ``dice_beats_identity`` (the
-    Holm-adjusted p against no registration, and whether the row's mean Dice is significantly higher), the rank by mean Dice with its bootstrap interval and the
-    probability of ranking first, overall and within the class, parameters, training time and device, and
-    Learn2Reg's rank scores. Methods are compared on the same pairs only.
+    Holm-adjusted p against no registration, and whether the row's mean Dice is significantly higher), the rank by
+    mean Dice with its bootstrap interval and the probability of ranking first, overall and within the class,
+    parameters, training time and device, and Learn2Reg's rank scores. Methods are compared on the same pairs only.
 
     ``evaluated_on``: the same, for the runs trained on ``dataset_id`` scored on another dataset's test pairs
     (results/<dataset>/<method>/seed<seed>/on_<target>/pairs.csv).

@@ -246,7 +246,8 @@ class DatasetSection:
             cells = [f"<td class='rank' title='{html.escape(self.rank_title(row))}'>"
                      f"{html.escape(aggregate.rank_text(row))}</td>",
                      f"<th class='method' scope='row'><span class='dot' style='background:{color}'></span>"
-                     f"{html.escape(aggregate.method_label(row))}{self.floor_mark(row)}{self.departure_mark(method)}</th>",
+                     f"{html.escape(aggregate.method_label(row))}{self.floor_mark(row)}"
+                     f"{self.departure_mark(method)}</th>",
                      f"<td class='text class'>{html.escape(str(cls or '–'))}"
                      f"<span class='s'>{html.escape(aggregate.rank_text(row, 'class_'))} of "
                      f"{len(classes.get(cls, []))}</span></td>"]
@@ -274,9 +275,9 @@ class DatasetSection:
                 f"the seed-averaged pairs, Holm-corrected within the metric, p ≥ {ALPHA}; hover a cell for its "
                 f"p-value). Units and definitions: spec/evaluation.md. L2R rank: Learn2Reg's "
                 f"overall rank (DSC, DSC30, HD95, SDlogJ, runtime). Device: where the method was trained"
-                f" and registered. ○: Dice not significantly higher than no registration's (identity; the same test, hover"
-                f" it for its p-value). †: the row's recipe departs from its paper in a way that can change results "
-                f"(hover it, or see below).</p>")
+                f" and registered. ○: Dice not significantly higher than no registration's (identity; the same"
+                f" test, hover it for its p-value). †: the row's recipe departs from its paper in a way that can "
+                f"change results (hover it, or see below).</p>")
         table = (f"<div class='table-wrap'><table class='leaderboard'><thead>{head}</thead>"
                  f"<tbody>{''.join(body)}</tbody></table></div>")
         title = f"<h3>{html.escape(heading)}</h3>" if heading else ""
