@@ -43,6 +43,11 @@ TRAINING_KEYS = {
     "checkpoint_every": "iterations between checkpoints",
     "log_every": "iterations between rows of train_log.csv",
 }
+#: Training-loop keys a recipe may leave out (the default then holds); a config may set them for any learned method.
+OPTIONAL_TRAINING_KEYS = {
+    "model_selection": "the network a run keeps: 'last' (the default) or 'val_dice', the best of its checkpoints "
+                       "on the val pairs (regbench.training.selection)",
+}
 
 
 class TrainingStage(NamedTuple):
@@ -158,6 +163,9 @@ class RegistrationMethod:
             raise ValueError(f"method {self.name!r} has no recipe {which!r}; it has {sorted(self.recipes)}")
         resolved = copy.deepcopy(self.recipes[which])
         for key, value in (overrides or {}).items():
+            if key not in resolved and self.trainable and key in OPTIONAL_TRAINING_KEYS:
+                resolved[key] = value
+                continue
             if key not in resolved:
                 raise ValueError(
                     f"method {self.name!r}: unknown recipe key {key!r} in the config; "

@@ -2,7 +2,8 @@
 
 The method supplies the network and its named loss terms; the loop sums ``weight * value``, steps
 Adam, logs every term to ``train_log.csv``, checkpoints every ``checkpoint_every`` iterations and
-resumes from the last checkpoint when rerun. Pairs depend only on (seed, iteration)
+resumes from the last checkpoint when rerun; with ``model_selection: val_dice`` it keeps the checkpoint that
+scores best on the val pairs (:mod:`regbench.training.selection`). Pairs depend only on (seed, iteration)
 (:func:`regbench.data.prepared.training_batch`, read ahead by a DataLoader's workers), and the RNG state is
 checkpointed, so a resumed run on CPU ends with the weights of an uninterrupted one.
 """
@@ -25,6 +26,7 @@ from regbench.io import atomic_path, write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import (autocast, in_memory_format, memory_format, peak_memory_mb, reset_peak_memory,
                               seed_everything, synchronize, training_precision)
+from regbench.training.selection import check_selection, val_dice
 from regbench.training.supervision import training_batches
 
 
@@ -71,6 +73,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     synchronised with the GPU), the peak memory (:func:`regbench.runtime.peak_memory_mb`) and the
     precision used (``mixed_precision`` applies on CUDA to methods that allow it). A method with a working grid
     (``RegistrationMethod.working_grid``) trains on batches resampled onto it; train.json records the grid.
+    With the recipe's ``model_selection: val_dice``, model.pt is the network of the checkpoint (or the last
+    iteration) with the best val Dice, and train.json's ``model_selection`` lists every score and the one kept.
     Batches come from a DataLoader with ``data_workers`` processes (:func:`regbench.data.loader.worker_count`).
     """
     out_dir = Path(out_dir)
@@ -89,6 +93,9 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     ends = list(itertools.accumulate(stage.iterations for stage in stages))
     iterations = ends[-1]
     checkpoint_every = int(recipe.get("checkpoint_every", 100))
+    selection = check_selection(recipe, method, dataset)
+    # val_dice: [{"iteration", "val_dice"}] of every network scored, and the best one's weights (on the CPU)
+    scored, best = [], None
     log_every = int(recipe.get("log_every", 10))
 
     def stage_of(iteration: int) -> int:
@@ -112,6 +119,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
             saved_optimiser = (state["stage"], state["optimiser"])
             torch.set_rng_state(state["rng"])
             start, log_rows, elapsed = state["iteration"], state["log"], state["elapsed_s"]
+            scored, best = state.get("scored", []), state.get("best")
     current = stage_of(start) if start < iterations else len(stages) - 1
     optimiser = begin(current)
     if saved_optimiser is not None and saved_optimiser[0] == current:  # a checkpoint at a stage's start has none
@@ -121,7 +129,18 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         with atomic_path(checkpoint_path) as tmp:
             torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(), "stage": current,
                         "rng": torch.get_rng_state(), "iteration": iteration, "log": log_rows,
-                        "elapsed_s": elapsed, "recipe": recipe, "seed": seed}, tmp)
+                        "elapsed_s": elapsed, "recipe": recipe, "seed": seed, "scored": scored, "best": best}, tmp)
+
+    def score_network(iteration: int) -> None:
+        """model_selection val_dice: score the network after ``iteration`` steps; keep it if it is the best yet."""
+        nonlocal best
+        if selection != "val_dice":
+            return
+        score = val_dice(method, net, dataset, recipe, device, precision)
+        scored.append({"iteration": iteration, "val_dice": score})
+        if best is None or score > best["val_dice"]:
+            best = {"iteration": iteration, "val_dice": score,
+                    "net": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
 
     net.train()
     pin, workers = device.type == "cuda", worker_count(data_workers, device)
@@ -156,8 +175,13 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
             if progress:
                 bar.set_postfix(loss=f"{float(total.detach()):.4f}")
         if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < iterations:
+            score_network(iteration + 1)
             elapsed = time.perf_counter() - started
             save_checkpoint(iteration + 1)
+    if not scored or scored[-1]["iteration"] < iterations:  # the last network (unless a resumed run scored it)
+        score_network(iterations)
+    if best is not None and best["iteration"] < iterations:
+        net.load_state_dict(best["net"])
     synchronize(device)
     elapsed = time.perf_counter() - started
 
@@ -168,6 +192,8 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         "peak_mem_mb": peak_memory_mb(device), "precision": precision,
         "parameters": parameter_count(net), "device": str(device), "data_workers": workers, "seed": seed, "recipe": recipe, **adapter.record(),
         "final_loss": log_rows[-1]["loss"] if log_rows else math.nan,
+        "model_selection": {"criterion": selection, "kept_iteration": best["iteration"] if best else iterations,
+                            "scores": scored},
         "provenance": provenance or {},
     }
     with atomic_path(out_dir / "model.pt") as tmp:

@@ -1,0 +1,128 @@
+"""Model selection on val (regbench.training.selection): a run with ``model_selection: val_dice`` keeps the network
+that scores best on the val pairs, scored exactly as rule register scores pairs; a killed run resumes to the same
+choice; the default keeps the last network."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from regbench.data.prepared import PreparedDataset
+from regbench.dataset import write_prepared
+from regbench.evaluation.scoring import evaluate_method
+from regbench.io import InputError, save_nifti
+from regbench.method import RegistrationMethod
+from regbench.training.loop import load_trained, train
+from regbench.training.selection import val_dice
+
+
+class Shift(nn.Module):
+    """One displacement for every voxel, in voxels (array-axis order)."""
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(ndim))
+
+    def forward(self, moving, fixed):
+        shape = (moving.shape[0], len(self.shift), *moving.shape[2:])
+        return self.shift.view(1, -1, *[1] * (len(shape) - 2)).expand(shape)
+
+
+class Drift(RegistrationMethod):
+    """A toy whose loss pulls its shift ever further along the first axis: Adam at rate 1 moves it one voxel a
+    step, so the network after k steps shifts every pair by about k voxels, and its val Dice falls with k."""
+    name = "drift"
+    recipes = {"quick": {"iterations": 4, "batch_size": 1, "lr": 1.0, "checkpoint_every": 1, "log_every": 1,
+                         "model_selection": "val_dice"}}
+
+    def __init__(self, fail_at=None):
+        self.fail_at, self.calls = fail_at, 0
+
+    def build(self, ndim, recipe):
+        return Shift(ndim)
+
+    def loss_terms(self, net, batch, recipe):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return {"drift": (1.0, -net.shift[0] + 0 * batch["moving"].mean())}
+
+    def register(self, net, fixed, moving, recipe):
+        return net(moving, fixed)
+
+
+def _summary(folder):
+    return json.loads((folder / "train.json").read_text())
+
+
+def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_embedded2d, tmp_path):
+    dataset = small_embedded2d.without_test()
+    method = Drift()
+    recipe = method.recipe("quick")
+    train(method, recipe, dataset, tmp_path / "run")
+    selection = _summary(tmp_path / "run")["model_selection"]
+    scores = [row["val_dice"] for row in selection["scores"]]
+    assert [row["iteration"] for row in selection["scores"]] == [1, 2, 3, 4]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1] + 0.01  # further is worse
+    assert selection["criterion"] == "val_dice" and selection["kept_iteration"] == 1
+    net, _ = load_trained(method, tmp_path / "run" / "model.pt")
+    assert net.shift[0].item() == pytest.approx(1.0, abs=1e-3)          # one Adam step, not four
+    # the score the run recorded is the val Dice rule register would give that network
+    table = evaluate_method(method, recipe, dataset, tmp_path / "scored", net=net, runtime_repeats=0, split="val")
+    assert scores[0] == pytest.approx(table["dice"].mean(), abs=1e-12)
+    assert val_dice(method, net, dataset, recipe, torch.device("cpu")) == pytest.approx(scores[0], abs=1e-12)
+
+
+def test_the_default_keeps_the_last_network(small_embedded2d, tmp_path):
+    method = Drift()
+    recipe = method.recipe("quick", {"model_selection": "last"})
+    train(method, recipe, small_embedded2d.without_test(), tmp_path)
+    assert _summary(tmp_path)["model_selection"] == {"criterion": "last", "kept_iteration": 4, "scores": []}
+    net, _ = load_trained(method, tmp_path / "model.pt")
+    assert net.shift[0].item() == pytest.approx(4.0, abs=1e-2)
+
+
+def test_a_killed_run_resumes_to_the_same_choice(small_embedded2d, tmp_path):
+    dataset = small_embedded2d.without_test()
+    recipe = Drift().recipe("quick")
+    train(Drift(), recipe, dataset, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(Drift(fail_at=3), recipe, dataset, tmp_path / "resumed")   # after the checkpoints at 1 and 2
+    resumed = Drift()
+    train(resumed, recipe, dataset, tmp_path / "resumed")
+    assert resumed.calls == 2 and _summary(tmp_path / "resumed")["resumed_from"] == 2
+    assert _summary(tmp_path / "resumed")["model_selection"] == _summary(tmp_path / "straight")["model_selection"]
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["net"]
+    again = torch.load(tmp_path / "resumed" / "model.pt", weights_only=False)["net"]
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_a_bad_selection_and_a_dataset_without_val_pairs_are_one_error_each(small_embedded2d, tmp_path):
+    method = Drift()
+    with pytest.raises(ValueError, match="drift: model_selection must be one of"):
+        train(method, method.recipe("quick", {"model_selection": "best"}), small_embedded2d, tmp_path / "a")
+    root = tmp_path / "no_val"
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_nifti(root / f"i{i}.nii.gz", rng.random((8, 8)).astype(np.float32), (1, 1))
+        save_nifti(root / f"s{i}.nii.gz", np.eye(8, dtype=np.int16), (1, 1))
+        rows.append({"subject": f"n{i}", "split": "train" if i < 2 else "test", "image": f"i{i}.nii.gz",
+                     "seg": f"s{i}.nii.gz"})
+    write_prepared(root, name="no_val", ndim=2, shape=(8, 8), spacing=(1, 1), subjects=pd.DataFrame(rows),
+                   labels=pd.DataFrame({"label": [1], "name": ["line"]}),
+                   pairs=pd.DataFrame({"split": ["test"], "fixed": ["n2"], "moving": ["n0"]}))
+    with pytest.raises(InputError, match=r"pairs.csv: no val pairs to choose a checkpoint on \(drift"):
+        train(method, method.recipe("quick"), PreparedDataset(root).without_test(), tmp_path / "b")
+    assert not (tmp_path / "b" / "model.pt").exists()
+
+
+def test_a_config_may_ask_any_learned_method_to_select_on_val():
+    from regbench.plugins import load_method
+
+    assert load_method("voxelmorph").recipe("quick", {"model_selection": "val_dice"})["model_selection"] == "val_dice"
+    assert "model_selection" not in load_method("voxelmorph").recipe("quick")      # its paper keeps the last
+    with pytest.raises(ValueError, match="unknown recipe key 'model_selection'"):
+        load_method("syn").recipe("quick", {"model_selection": "val_dice"})        # nothing to select from
