@@ -225,6 +225,23 @@ def test_a_row_no_better_than_no_registration_is_marked_with_its_p(tmp_path):
     assert "○: Dice not significantly higher than no registration" in table
 
 
+def test_the_training_cell_names_the_iterations_each_seed_kept_on_val(tmp_path):
+    _fake_results(tmp_path, "toy")
+    (tmp_path / "toy" / "leaderboard.json").write_text(json.dumps({"seeds": {"a": [0], "b": [0, 1], "c": [0]}}))
+    for seed, kept in ((0, 400), (1, 600)):
+        folder = run_dir(tmp_path, "toy", "b", seed)
+        folder.mkdir(parents=True)
+        (folder / "train.json").write_text(json.dumps({"iterations": 600, "model_selection": {
+            "criterion": "val_dice", "kept_iteration": kept, "scores": []}}))
+    folder = run_dir(tmp_path, "toy", "c", 0)
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_text(json.dumps({"iterations": 600, "model_selection": {
+        "criterion": "last", "kept_iteration": 600, "scores": []}}))
+    table = report_page.DatasetSection(tmp_path, "toy", ["a", "b", "c"]).tables_html()
+    assert "600 it.</span><span class='s'>kept on val: 400, 600</span>" in _cells(table, "b")[4]
+    assert "600 it.</span></td>" in _cells(table, "c")[4] and "kept" not in _cells(table, "c")[4]
+
+
 def test_published_numbers_appear_where_the_dataset_and_method_match(tmp_path):
     _fake_results(tmp_path, "oasis")
     board = pd.read_csv(tmp_path / "oasis" / "leaderboard.csv")

@@ -177,8 +177,13 @@ class DatasetSection:
         self.stats = pd.read_csv(folder / "stats.csv") if (folder / "stats.csv").exists() else pd.DataFrame(
             columns=["metric", "method_a", "method_b", "p_holm"])
         self.colors = style.method_colors(method_ids)
-        first_run = {m: runs[0] for m, runs in figures.run_folders(results_dir, dataset_id,
-                                                                     list(self.board["method"])).items()}
+        run_folders = figures.run_folders(results_dir, dataset_id, list(self.board["method"]))
+        first_run = {m: runs[0] for m, runs in run_folders.items()}
+        # the iteration each seed's run kept, for a recipe that chooses its checkpoint on val (model_selection)
+        self.kept = {m: [read_json(run / "train.json")["model_selection"]["kept_iteration"] for run in runs]
+                     for m, runs in run_folders.items()
+                     if all((run / "train.json").exists() for run in runs)
+                     and read_json(runs[0] / "train.json").get("model_selection", {}).get("criterion") == "val_dice"}
         self.records = {m: {step: read_json(first_run[m] / f"{step}.json")
                             for step in ("train", "eval") if (first_run[m] / f"{step}.json").exists()}
                         for m in self.board["method"]}
@@ -319,10 +324,13 @@ class DatasetSection:
                 + ("" if pd.isna(p_first) else f"; first in {100 * p_first:.0f} % of the replicates"))
 
     def training(self, method: str, row) -> str:
-        """Training wall time, and the iterations beneath it."""
+        """Training wall time, and the iterations beneath it (with the ones kept on val, per seed, where the recipe
+        chooses its checkpoint there)."""
         text = plots.human_seconds(float(row.get("train_time_s", np.nan)))
         iterations = self.records.get(method, {}).get("train", {}).get("iterations")
-        return text + (f"<span class='s'>{iterations:,} it.</span>" if iterations else "")
+        kept = (f"<span class='s'>kept on val: {', '.join(f'{k:,}' for k in self.kept[method])}</span>"
+                if method in self.kept else "")
+        return text + (f"<span class='s'>{iterations:,} it.</span>" if iterations else "") + kept
 
     def device(self, method: str) -> str:
         records = self.records.get(method, {})
