@@ -26,6 +26,7 @@ def run(task: tuple) -> dict:
 
     from regbench.data.prepared import PreparedDataset
     from regbench.evaluation.scoring import evaluate_method
+    from regbench.evaluation.selection import val_scorer
     from regbench.plugins import load_method
     from regbench.training.loop import load_trained, train
 
@@ -34,7 +35,8 @@ def run(task: tuple) -> dict:
     dataset = PreparedDataset(prepared).without_test()
     scaled = method.scale_budget(recipe, fraction)
     start = time.perf_counter()
-    summary = train(method, scaled, dataset, out, seed=seed, supervision_folder=Path(prepared).parent / "supervision")
+    summary = train(method, scaled, dataset, out, seed=seed, supervision_folder=Path(prepared).parent / "supervision",
+                    checkpoint_score=val_scorer(method, dataset, scaled))
     net, scaled = load_trained(method, Path(out) / "model.pt")
     table = evaluate_method(method, scaled, dataset, out, net=net, runtime_repeats=0, split="val")
     return {"method": method_id, "fraction": fraction, "seed": seed,

@@ -70,7 +70,7 @@ _COMMON = {
     "dice_weight": 0.0,                 # 0: C2FViT; 0.5: C2FViT-s (semi-supervised, needs segmentations)
     "augment_affine": 0.0,              # > 0: random affine on the moving image in training (not the paper's)
     "batch_size": 1,
-    "model_selection": "val_dice",      # the checkpoint with the best val Dice is kept (regbench.training.selection)
+    "model_selection": "val_dice",      # the checkpoint with the best val Dice is kept (regbench.evaluation.selection)
 }
 
 
@@ -129,7 +129,7 @@ class Method(RegistrationMethod):
         Deviation("Model selection: the checkpoint with the best mean Dice over the dataset's val pairs",
                   "The paper keeps the checkpoint (saved every 1000 iterations) with the best Dice on 10 "
                   "validation scans, over labels it does not name; regbench scores each checkpoint (and the last "
-                  "network) on the val split as rule register scores test pairs (regbench.training.selection).",
+                  "network) on the val split as rule register scores test pairs (regbench.evaluation.selection).",
                   changes_results=False),
         Deviation("Similarity on the final warped image only, at 3 scales (supervision: final_multiscale)",
                   "The official code's loss, although a code comment calls it '3 level deep supervision'; whether "

@@ -46,7 +46,7 @@ TRAINING_KEYS = {
 #: Training-loop keys a recipe may leave out (the default then holds); a config may set them for any learned method.
 OPTIONAL_TRAINING_KEYS = {
     "model_selection": "the network a run keeps: 'last' (the default) or 'val_dice', the best of its checkpoints "
-                       "on the val pairs (regbench.training.selection)",
+                       "on the val pairs (regbench.evaluation.selection)",
 }
 
 

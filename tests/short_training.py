@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from regbench.blocks.spatial import warp_labels
+from regbench.evaluation.selection import val_scorer
 from regbench.training.loop import load_trained, train
 
 
@@ -82,7 +83,7 @@ def short_training(method, recipe, dataset, out_dir, contrast: str | None = None
     torch.manual_seed(0)
     untrained_loss, untrained_dice = loss_and_dice(method, method.build(dataset.ndim, recipe), recipe, pairs,
                                                    adapter=adapter)
-    summary = train(method, recipe, dataset, out_dir, seed=0)
+    summary = train(method, recipe, dataset, out_dir, seed=0, checkpoint_score=val_scorer(method, dataset, recipe))
     net, saved_recipe = load_trained(method, Path(out_dir) / "model.pt")
     trained_loss, trained_dice = loss_and_dice(method, net, recipe, pairs, adapter=adapter)
     return ShortTraining(net, saved_recipe, summary, pairs, identity_dice(pairs), untrained_loss, untrained_dice,

@@ -1,6 +1,6 @@
-"""Model selection on val (regbench.training.selection): a run with ``model_selection: val_dice`` keeps the network
-that scores best on the val pairs, scored exactly as rule register scores pairs; a killed run resumes to the same
-choice; the default keeps the last network."""
+"""Model selection on val (regbench.evaluation.selection, the training loop's checkpoint_score): a run with
+``model_selection: val_dice`` keeps the network that scores best on the val pairs, scored exactly as rule register
+scores pairs; a killed run resumes to the same choice; the default keeps the last network."""
 import json
 
 import numpy as np
@@ -15,7 +15,7 @@ from regbench.evaluation.scoring import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.method import RegistrationMethod
 from regbench.training.loop import load_trained, train
-from regbench.training.selection import val_dice
+from regbench.evaluation.selection import val_scorer
 
 
 class Shift(nn.Module):
@@ -61,7 +61,7 @@ def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_emb
     dataset = small_embedded2d.without_test()
     method = Drift()
     recipe = method.recipe("quick")
-    train(method, recipe, dataset, tmp_path / "run")
+    train(method, recipe, dataset, tmp_path / "run", checkpoint_score=val_scorer(method, dataset, recipe))
     selection = _summary(tmp_path / "run")["model_selection"]
     scores = [row["val_dice"] for row in selection["scores"]]
     assert [row["iteration"] for row in selection["scores"]] == [1, 2, 3, 4]
@@ -72,7 +72,8 @@ def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_emb
     # the score the run recorded is the val Dice rule register would give that network
     table = evaluate_method(method, recipe, dataset, tmp_path / "scored", net=net, runtime_repeats=0, split="val")
     assert scores[0] == pytest.approx(table["dice"].mean(), abs=1e-12)
-    assert val_dice(method, net, dataset, recipe, torch.device("cpu")) == pytest.approx(scores[0], abs=1e-12)
+    assert val_scorer(method, dataset, recipe)(net) == pytest.approx(scores[0], abs=1e-12)
+    assert val_scorer(method, dataset, method.recipe("quick", {"model_selection": "last"})) is None
 
 
 def test_the_default_keeps_the_last_network(small_embedded2d, tmp_path):
@@ -87,11 +88,12 @@ def test_the_default_keeps_the_last_network(small_embedded2d, tmp_path):
 def test_a_killed_run_resumes_to_the_same_choice(small_embedded2d, tmp_path):
     dataset = small_embedded2d.without_test()
     recipe = Drift().recipe("quick")
-    train(Drift(), recipe, dataset, tmp_path / "straight")
-    with pytest.raises(KeyboardInterrupt):
-        train(Drift(fail_at=3), recipe, dataset, tmp_path / "resumed")   # after the checkpoints at 1 and 2
+    score = val_scorer(Drift(), dataset, recipe)
+    train(Drift(), recipe, dataset, tmp_path / "straight", checkpoint_score=score)
+    with pytest.raises(KeyboardInterrupt):   # after the checkpoints at 1 and 2
+        train(Drift(fail_at=3), recipe, dataset, tmp_path / "resumed", checkpoint_score=score)
     resumed = Drift()
-    train(resumed, recipe, dataset, tmp_path / "resumed")
+    train(resumed, recipe, dataset, tmp_path / "resumed", checkpoint_score=score)
     assert resumed.calls == 2 and _summary(tmp_path / "resumed")["resumed_from"] == 2
     assert _summary(tmp_path / "resumed")["model_selection"] == _summary(tmp_path / "straight")["model_selection"]
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["net"]
@@ -99,10 +101,14 @@ def test_a_killed_run_resumes_to_the_same_choice(small_embedded2d, tmp_path):
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
-def test_a_bad_selection_and_a_dataset_without_val_pairs_are_one_error_each(small_embedded2d, tmp_path):
+def test_a_bad_selection_a_missing_score_and_a_dataset_without_val_pairs_are_one_error_each(small_embedded2d,
+                                                                                          tmp_path):
     method = Drift()
     with pytest.raises(ValueError, match="drift: model_selection must be one of"):
         train(method, method.recipe("quick", {"model_selection": "best"}), small_embedded2d, tmp_path / "a")
+    with pytest.raises(ValueError, match="drift: model_selection val_dice needs its val score, checkpoint_score"):
+        train(method, method.recipe("quick"), small_embedded2d, tmp_path / "a")
+    assert not (tmp_path / "a").exists()   # nothing written before the error
     root = tmp_path / "no_val"
     rows = []
     rng = np.random.default_rng(0)
@@ -115,8 +121,7 @@ def test_a_bad_selection_and_a_dataset_without_val_pairs_are_one_error_each(smal
                    labels=pd.DataFrame({"label": [1], "name": ["line"]}),
                    pairs=pd.DataFrame({"split": ["test"], "fixed": ["n2"], "moving": ["n0"]}))
     with pytest.raises(InputError, match=r"pairs.csv: no val pairs to choose a checkpoint on \(drift"):
-        train(method, method.recipe("quick"), PreparedDataset(root).without_test(), tmp_path / "b")
-    assert not (tmp_path / "b" / "model.pt").exists()
+        val_scorer(method, PreparedDataset(root).without_test(), method.recipe("quick"))
 
 
 def test_a_config_may_ask_any_learned_method_to_select_on_val():

@@ -359,7 +359,7 @@ class Browser:
         state = json.loads(self.send("Runtime.evaluate", {"returnByValue": True, "expression": """JSON.stringify({
             images: document.images.length,
             broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
-            methods: Array.from(document.querySelectorAll('table.leaderboard tbody th.method')).map(e => e.textContent.replace('†', '').trim()),
+            methods: Array.from(document.querySelectorAll('table.leaderboard tbody th.method')).map(e => e.textContent.replace('†', '').replace('○', '').trim()),
             width: document.documentElement.scrollWidth,
             height: document.documentElement.scrollHeight})"""})["result"]["value"])
         shot = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {

@@ -3,7 +3,7 @@
 The method supplies the network and its named loss terms; the loop sums ``weight * value``, steps
 Adam, logs every term to ``train_log.csv``, checkpoints every ``checkpoint_every`` iterations and
 resumes from the last checkpoint when rerun; with ``model_selection: val_dice`` it keeps the checkpoint that
-scores best on the val pairs (:mod:`regbench.training.selection`). Pairs depend only on (seed, iteration)
+scores best on the val pairs (the score is the caller's: :mod:`regbench.evaluation.selection`). Pairs depend only on (seed, iteration)
 (:func:`regbench.data.prepared.training_batch`, read ahead by a DataLoader's workers), and the RNG state is
 checkpointed, so a resumed run on CPU ends with the weights of an uninterrupted one.
 """
@@ -15,7 +15,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -26,8 +26,11 @@ from regbench.io import atomic_path, write_csv, write_json
 from regbench.method import RegistrationMethod, parameter_count
 from regbench.runtime import (autocast, in_memory_format, memory_format, peak_memory_mb, reset_peak_memory,
                               seed_everything, synchronize, training_precision)
-from regbench.training.selection import check_selection, val_dice
 from regbench.training.supervision import training_batches
+
+
+#: A recipe's ``model_selection``: keep the last network, or the best by ``checkpoint_score`` on the val pairs.
+SELECTIONS = ("last", "val_dice")
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,17 +69,24 @@ def optimiser_step(total: torch.Tensor, optimiser: torch.optim.Optimizer, scaler
 def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedDataset, out_dir,
           *, seed: int = 0, device: str | torch.device = "cpu", provenance: dict | None = None,
           progress: bool = False, mixed_precision: bool = False, supervision_folder=None,
-          data_workers: int | str = "auto") -> dict[str, Any]:
+          data_workers: int | str = "auto", checkpoint_score: Callable[..., float] | None = None) -> dict[str, Any]:
     """Train ``method`` with ``recipe`` on the training split; write model.pt, train_log.csv, train.json.
 
     train.json records the wall-clock training time and the median time per optimiser step (both
     synchronised with the GPU), the peak memory (:func:`regbench.runtime.peak_memory_mb`) and the
     precision used (``mixed_precision`` applies on CUDA to methods that allow it). A method with a working grid
     (``RegistrationMethod.working_grid``) trains on batches resampled onto it; train.json records the grid.
-    With the recipe's ``model_selection: val_dice``, model.pt is the network of the checkpoint (or the last
-    iteration) with the best val Dice, and train.json's ``model_selection`` lists every score and the one kept.
+    With the recipe's ``model_selection: val_dice``, ``checkpoint_score`` (``(net, precision) -> val Dice``:
+    :func:`regbench.evaluation.selection.val_scorer`) scores the network at every checkpoint and the last one; model.pt
+    is the best, and train.json's ``model_selection`` lists every score and the iteration kept.
     Batches come from a DataLoader with ``data_workers`` processes (:func:`regbench.data.loader.worker_count`).
     """
+    selection = recipe.get("model_selection", "last")
+    if selection not in SELECTIONS:
+        raise ValueError(f"{method.name}: model_selection must be one of {SELECTIONS}, got {selection!r}")
+    if selection == "val_dice" and checkpoint_score is None:
+        raise ValueError(f"{method.name}: model_selection val_dice needs its val score, checkpoint_score "
+                         f"(regbench.evaluation.selection.val_scorer)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -93,7 +103,6 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     ends = list(itertools.accumulate(stage.iterations for stage in stages))
     iterations = ends[-1]
     checkpoint_every = int(recipe.get("checkpoint_every", 100))
-    selection = check_selection(recipe, method, dataset)
     # val_dice: [{"iteration", "val_dice"}] of every network scored, and the best one's weights (on the CPU)
     scored, best = [], None
     log_every = int(recipe.get("log_every", 10))
@@ -136,7 +145,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         nonlocal best
         if selection != "val_dice":
             return
-        score = val_dice(method, net, dataset, recipe, device, precision)
+        score = checkpoint_score(net, precision)
         scored.append({"iteration": iteration, "val_dice": score})
         if best is None or score > best["val_dice"]:
             best = {"iteration": iteration, "val_dice": score,

@@ -27,6 +27,7 @@ import torch
 
 from regbench.data.prepared import PreparedDataset
 from regbench.evaluation.scoring import evaluate_method
+from regbench.evaluation.selection import val_scorer
 from regbench.io import write_csv, write_json
 from regbench.method import RegistrationMethod
 from regbench.training.loop import TrainingDiverged, load_trained, train
@@ -127,7 +128,8 @@ def run_trial(method: RegistrationMethod, recipe: dict[str, Any], dataset: Prepa
     try:
         if method.trainable:
             scaled = method.scale_budget(recipe, fraction)
-            train(method, scaled, dataset, trial_dir, seed=seed, device=device, supervision_folder=supervision_folder)
+            train(method, scaled, dataset, trial_dir, seed=seed, device=device, supervision_folder=supervision_folder,
+                  checkpoint_score=val_scorer(method, dataset, scaled, device))
             net, recipe = load_trained(method, trial_dir / "model.pt", device)
         table = evaluate_method(method, recipe, dataset, trial_dir, net=net, device=device, runtime_repeats=0,
                                 label_warp=label_warp, split="val")

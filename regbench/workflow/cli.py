@@ -50,6 +50,7 @@ def cmd_prepare(args) -> None:
 def cmd_train(args) -> None:
     from regbench import plugins
     from regbench.data.prepared import PreparedDataset
+    from regbench.evaluation.selection import val_scorer
     from regbench.runtime import provenance
     from regbench.training.loop import train
 
@@ -61,7 +62,8 @@ def cmd_train(args) -> None:
         summary = train(method, settings["recipe"], dataset, args.out, seed=settings["seed"], device=device,
                         provenance=provenance(settings, device), progress=True,
                         mixed_precision=settings.get("mixed_precision", False), supervision_folder=args.supervision,
-                        data_workers=settings.get("data_workers", "auto"))
+                        data_workers=settings.get("data_workers", "auto"),
+                        checkpoint_score=val_scorer(method, dataset, settings["recipe"], device))
     except Exception as err:
         if settings.get("on_failure", "stop") != "skip":
             raise
