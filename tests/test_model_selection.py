@@ -131,3 +131,13 @@ def test_a_config_may_ask_any_learned_method_to_select_on_val():
     assert "model_selection" not in load_method("voxelmorph").recipe("quick")      # its paper keeps the last
     with pytest.raises(ValueError, match="unknown recipe key 'model_selection'"):
         load_method("syn").recipe("quick", {"model_selection": "val_dice"})        # nothing to select from
+
+
+def test_a_network_whose_score_is_nan_loses_to_any_number(small_embedded2d, tmp_path):
+    """The score is the caller's (a scorer that says NaN, 0.5, 0.4, NaN in turn): the second network is kept."""
+    method, calls = Drift(), iter([float("nan"), 0.5, 0.4, float("nan")])
+    train(method, method.recipe("quick"), small_embedded2d.without_test(), tmp_path,
+          checkpoint_score=lambda net, precision: next(calls))
+    assert _summary(tmp_path)["model_selection"]["kept_iteration"] == 2
+    net, _ = load_trained(method, tmp_path / "model.pt")
+    assert net.shift[0].item() == pytest.approx(2.0, abs=1e-2)

@@ -95,7 +95,7 @@ def p_against(tests: pd.DataFrame, metric: str, reference: str) -> dict[str, flo
 
 
 def better_than_reference(board: pd.DataFrame, tests: pd.DataFrame, metric: str = "dice",
-                          reference: str = "identity") -> dict[str, float]:
+                          reference: str = "identity") -> dict[str, bool]:
     """For each method but ``reference`` (no registration, the floor of every table): True when its mean ``metric``
     is better than the reference's and the paired test says so (Holm p < 0.05), else False; empty when the board has
     no ``reference`` row."""

@@ -3,9 +3,9 @@
 The method supplies the network and its named loss terms; the loop sums ``weight * value``, steps
 Adam, logs every term to ``train_log.csv``, checkpoints every ``checkpoint_every`` iterations and
 resumes from the last checkpoint when rerun; with ``model_selection: val_dice`` it keeps the checkpoint that
-scores best on the val pairs (the score is the caller's: :mod:`regbench.evaluation.selection`). Pairs depend only on (seed, iteration)
-(:func:`regbench.data.prepared.training_batch`, read ahead by a DataLoader's workers), and the RNG state is
-checkpointed, so a resumed run on CPU ends with the weights of an uninterrupted one.
+scores best on the val pairs (the score is the caller's: :mod:`regbench.evaluation.selection`). Pairs depend only
+on (seed, iteration) (:func:`regbench.data.prepared.training_batch`, read ahead by a DataLoader's workers), and the
+RNG state is checkpointed, so a resumed run on CPU ends with the weights of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
     precision used (``mixed_precision`` applies on CUDA to methods that allow it). A method with a working grid
     (``RegistrationMethod.working_grid``) trains on batches resampled onto it; train.json records the grid.
     With the recipe's ``model_selection: val_dice``, ``checkpoint_score`` (``(net, precision) -> val Dice``:
-    :func:`regbench.evaluation.selection.val_scorer`) scores the network at every checkpoint and the last one; model.pt
-    is the best, and train.json's ``model_selection`` lists every score and the iteration kept.
+    :func:`regbench.evaluation.selection.val_scorer`) scores the network at every checkpoint and the last one;
+    model.pt is the best (a NaN score loses to any number), and train.json's ``model_selection`` lists every score
+    and the iteration kept.
     Batches come from a DataLoader with ``data_workers`` processes (:func:`regbench.data.loader.worker_count`).
     """
     selection = recipe.get("model_selection", "last")
@@ -147,7 +148,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
             return
         score = checkpoint_score(net, precision)
         scored.append({"iteration": iteration, "val_dice": score})
-        if best is None or score > best["val_dice"]:
+        if best is None or score > best["val_dice"] or (math.isnan(best["val_dice"]) and not math.isnan(score)):
             best = {"iteration": iteration, "val_dice": score,
                     "net": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
 
