@@ -508,3 +508,16 @@ def test_many_labels():
     np.testing.assert_allclose(M.dice_per_label(fixed, warped, labels), naive_dice(fixed, warped, labels), atol=1e-12)
     np.testing.assert_allclose(M.hd95_per_label(fixed, warped, labels, (0.8, 1.1)),
                                naive_hd95(fixed, warped, labels, (0.8, 1.1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("label_warp", ["nearest", "linear"])
+def test_pair_dice_is_pair_metrics_dice(label_warp):
+    """Model selection scores by pair_dice: the same number as pair_metrics, labels absent from one side included."""
+    rng = np.random.default_rng(5)
+    fixed = rng.integers(0, 4, (24, 20))
+    moving = rng.integers(0, 4, (24, 20))
+    moving[moving == 3] = 2                       # label 3 absent from the moving map: Learn2Reg leaves it out
+    u = rng.normal(0, 1.5, (2, 24, 20))
+    expected = M.pair_metrics(fixed, moving, u, [1, 2, 3, 7], label_warp=label_warp)[0]["dice"]
+    assert M.pair_dice(fixed, moving, u, [1, 2, 3, 7], label_warp=label_warp) == expected
+    assert 0 < expected < 1

@@ -73,6 +73,11 @@ def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_emb
     table = evaluate_method(method, recipe, dataset, tmp_path / "scored", net=net, runtime_repeats=0, split="val")
     assert scores[0] == pytest.approx(table["dice"].mean(), abs=1e-12)
     assert val_scorer(method, dataset, recipe)(net) == pytest.approx(scores[0], abs=1e-12)
+    # with the evaluation's other label warp, the score follows it as register's does
+    linear = evaluate_method(method, recipe, dataset, tmp_path / "linear", net=net, runtime_repeats=0, split="val",
+                             label_warp="linear")
+    assert val_scorer(method, dataset, recipe, label_warp="linear")(net) == pytest.approx(linear["dice"].mean(),
+                                                                                         abs=1e-12)
     assert val_scorer(method, dataset, method.recipe("quick", {"model_selection": "last"})) is None
 
 

@@ -5,8 +5,8 @@ keep, of the networks at every ``checkpoint_every`` iterations and the last one,
 over the val pairs (the first of equals), as a paper that keeps its best validation checkpoint does (C2FViT). The
 loop takes the score as ``checkpoint_score`` (:func:`regbench.training.loop.train`); :func:`val_scorer` makes it.
 Each pair is scored as rule ``register`` scores a test pair: the displacement on the dataset's grid, the moving
-labels warped by nearest neighbour, Learn2Reg's rule for absent labels (:func:`regbench.evaluation.metrics.pair_metrics`'s
-``dice``). Only the val split is read: the training job's dataset has no test split (spec/protocol.md, section 1).
+labels warped as the evaluation warps them, Learn2Reg's rule for absent labels (:func:`regbench.evaluation.metrics.pair_dice`,
+``pair_metrics``'s ``dice``). Only the val split is read: the training job's dataset has no test split (spec/protocol.md, section 1).
 """
 from __future__ import annotations
 
@@ -21,19 +21,21 @@ from regbench.io import InputError
 from regbench.runtime import autocast
 
 
-def val_scorer(method, dataset, recipe: dict[str, Any], device="cpu") -> Callable[..., float] | None:
+def val_scorer(method, dataset, recipe: dict[str, Any], device="cpu",
+               label_warp: str = "nearest") -> Callable[..., float] | None:
     """``checkpoint_score`` for training ``recipe`` on ``dataset``: ``(net, precision) -> val Dice`` where the recipe
-    selects on val, None where it keeps the last network."""
+    selects on val, None where it keeps the last network. ``label_warp``: the evaluation's (config ``evaluation``)."""
     if recipe.get("model_selection", "last") != "val_dice":
         return None
     if dataset.split_pairs("val").empty:
         raise InputError(f"{dataset.root / 'pairs.csv'}: no val pairs to choose a checkpoint on "
                          f"({method.name}: model_selection val_dice)")
-    return functools.partial(val_dice, method, dataset=dataset, recipe=recipe, device=torch.device(device))
+    return functools.partial(val_dice, method, dataset=dataset, recipe=recipe, device=torch.device(device),
+                             label_warp=label_warp)
 
 
 def val_dice(method, net: torch.nn.Module, precision: str = "fp32", *, dataset, recipe: dict[str, Any],
-             device: torch.device) -> float:
+             device: torch.device, label_warp: str = "nearest") -> float:
     """Mean over ``dataset``'s val pairs of each pair's mean label Dice after registering it with ``net``."""
     pairs = dataset.split_pairs("val")
     adapter = method.grid_adapter(dataset.shape, dataset.spacing, recipe)
@@ -47,11 +49,9 @@ def val_dice(method, net: torch.nn.Module, precision: str = "fp32", *, dataset, 
             with torch.no_grad(), autocast(device, precision):
                 u = method.register_on_dataset_grid(net, batch["fixed"].to(device), batch["moving"].to(device),
                                                     recipe, adapter)
-            u = u[0].detach().float().cpu().double().numpy()
-            moving_seg = dataset.seg(pair.moving)
-            warped = metrics.warp_label_map(moving_seg, u)
-            per_label = metrics.dice_per_label(dataset.seg(pair.fixed), warped, dataset.label_values, moving_seg)
-            scores.append(float(np.nanmean(per_label)) if np.isfinite(per_label).any() else np.nan)
+            scores.append(metrics.pair_dice(dataset.seg(pair.fixed), dataset.seg(pair.moving),
+                                            u[0].detach().float().cpu().double().numpy(), dataset.label_values,
+                                            label_warp))
     finally:
         net.train(was_training)
     return float(np.nanmean(scores))

@@ -180,10 +180,10 @@ class DatasetSection:
         run_folders = figures.run_folders(results_dir, dataset_id, list(self.board["method"]))
         first_run = {m: runs[0] for m, runs in run_folders.items()}
         # the iteration each seed's run kept, for a recipe that chooses its checkpoint on val (model_selection)
-        self.kept = {m: [read_json(run / "train.json")["model_selection"]["kept_iteration"] for run in runs]
-                     for m, runs in run_folders.items()
-                     if all((run / "train.json").exists() for run in runs)
-                     and read_json(runs[0] / "train.json").get("model_selection", {}).get("criterion") == "val_dice"}
+        trained = {m: [read_json(run / "train.json") for run in runs] for m, runs in run_folders.items()
+                   if all((run / "train.json").exists() for run in runs)}
+        self.kept = {m: [t["model_selection"]["kept_iteration"] for t in runs] for m, runs in trained.items()
+                     if runs[0].get("model_selection", {}).get("criterion") == "val_dice"}
         self.records = {m: {step: read_json(first_run[m] / f"{step}.json")
                             for step in ("train", "eval") if (first_run[m] / f"{step}.json").exists()}
                         for m in self.board["method"]}

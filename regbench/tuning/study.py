@@ -129,7 +129,7 @@ def run_trial(method: RegistrationMethod, recipe: dict[str, Any], dataset: Prepa
         if method.trainable:
             scaled = method.scale_budget(recipe, fraction)
             train(method, scaled, dataset, trial_dir, seed=seed, device=device, supervision_folder=supervision_folder,
-                  checkpoint_score=val_scorer(method, dataset, scaled, device))
+                  checkpoint_score=val_scorer(method, dataset, scaled, device, label_warp))
             net, recipe = load_trained(method, trial_dir / "model.pt", device)
         table = evaluate_method(method, recipe, dataset, trial_dir, net=net, device=device, runtime_repeats=0,
                                 label_warp=label_warp, split="val")

@@ -63,7 +63,8 @@ def cmd_train(args) -> None:
                         provenance=provenance(settings, device), progress=True,
                         mixed_precision=settings.get("mixed_precision", False), supervision_folder=args.supervision,
                         data_workers=settings.get("data_workers", "auto"),
-                        checkpoint_score=val_scorer(method, dataset, settings["recipe"], device))
+                        checkpoint_score=val_scorer(method, dataset, settings["recipe"], device,
+                                                    settings["evaluation"]["label_warp"]))
     except Exception as err:
         if settings.get("on_failure", "stop") != "skip":
             raise
