@@ -17,7 +17,7 @@ Recipes:
 - ``quick``: the default CPU run (embedded2d): the same metric, 100 and 50 iterations at 1/4 and 1/2
   resolution (4x2x1, smoothing 2x1x0), none at full resolution, sampling rate 0.25, no histogram
   matching. On embedded2d's 13 val pairs: mean Dice 0.669 (0.634 unregistered, the paper recipe 0.669) at about
-  half a second of one CPU thread per pair.
+  a tenth of a second of one CPU thread per pair.
 
 Reproducibility as for ``syn``: one ITK thread and a fixed nonzero seed make the sampled metric, and so
 the result, identical on rerun; ``threads`` is part of the recipe and recorded with the runtime.

@@ -73,11 +73,11 @@ class Method(RegistrationMethod):
             "log_every": 100,
         },
         # The default CPU run (embedded2d, 176 x 176): affine + B-splines at 16 and 8 voxels (the data's
-        # deformations have a control spacing of 16), 16 kernels, 700 steps of 2 pairs (100 affine, 300 a
-        # B-spline stage; about 60 ms a step on one CPU thread, 40 s in all) at lr 3e-3, TorchIR's 1e-3 being
-        # too slow for so short a run. Mean val Dice (embedded2d with 8 val subjects a template, 22 pairs):
-        # 0.626 unregistered -> 0.608 affine (100 steps from the heads' random start) -> 0.640 (spacing 16)
-        # -> 0.702 (spacing 8); lr 1e-3: 0.641.
+        # deformations have a control spacing of 16), 16 kernels, 700 steps of 2 pairs (100 affine, 300 a B-spline
+        # stage; about 60 ms a step on one CPU thread, 40 s in all) at lr 3e-3, TorchIR's 1e-3 being too slow for so
+        # short a run. Mean val Dice (an earlier val split of embedded2d: 8 val subjects a template, 22 pairs):
+        # 0.626 unregistered -> 0.608 affine (100 steps from the heads' random start) -> 0.640 (spacing 16) -> 0.702
+        # (spacing 8); lr 1e-3: 0.641.
         "quick": {
             **_COMMON,
             "spacings": [16, 8],

@@ -16,7 +16,7 @@ Recipes:
   iterations a level of 2,048 random samples, Mattes MI plus bending energy with weight 1.
 - ``quick``: the default CPU run (embedded2d, 176 x 176): 3 resolutions of 64 iterations (grid spacing x2,
   x1.41, x1), the rest as the paper. On embedded2d's 13 val pairs (0.634 unregistered): mean Dice 0.799 at about
-  1 s of one CPU thread a pair; the default map 0.794 at about 5 s.
+  half a second of one CPU thread a pair; the default map 0.794 at about five times that.
 
 Reproducibility: one ITK thread and elastix's ``RandomSeed`` make reruns bit-identical; the sampler is random,
 so the method runs once per seed (``random_seed + seed``).
@@ -53,7 +53,7 @@ class Method(RegistrationMethod):
                   "The plugin contract hands register() arrays, not their spacing: the grid spacing is in voxels, "
                   "which on an isotropic grid is elastix's run in mm."),
         Deviation("Quick recipe: 3 resolutions of 64 iterations instead of 4 of 256",
-                  "A 2D pair in about a second of one CPU thread; on the val pairs it scores as the default map "
+                  "A 2D pair in about half a second of one CPU thread; on the val pairs it scores as the default map "
                   "(0.799 against 0.794).", recipes=("quick",)),
         Deviation("One ITK thread and a fixed random seed", "Bit-identical reruns; the thread count changes only "
                   "the order of floating-point sums.", changes_results=False),

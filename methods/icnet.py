@@ -123,7 +123,7 @@ class Method(RegistrationMethod):
                   "pass", "The exact equivalent of the code's grid normalisation at HEAD ((q - (S - 1) / 2) 2 / S "
                   "with align_corners=False), linear with zero padding as the code; the code takes one pair a "
                   "step and calls the network twice (it has no batch statistics).", changes_results=False),
-        Deviation("Quick recipe: Adam at 1e-3, twice the code's 5e-4, for 500 steps",
+        Deviation("Quick recipe: Adam at 1e-3, twice the code's 5e-4, for 250 steps",
                   "A CPU budget; the network, loss and weights are the paper recipe's.", recipes=("quick",)),
     )
 

@@ -77,7 +77,8 @@ class Method(RegistrationMethod):
         # small configuration (3 VTN cascades, c = 8, 5 levels, affine widths halved) with every term, the
         # augmentation and the schedule, one pair a step at 10x the step size, the heads started near zero
         # (deviations), test_rep 1. A step on 128^2 takes about 0.7 times one on 176^2, so 700 steps cost what
-        # 500 did there. Mean val Dice (4 pairs) 0.781, 0.629 unregistered; 0.741 for 500 steps on 176^2.
+        # 500 did there. Mean val Dice (4 pairs of an earlier val split) 0.781, 0.629 unregistered; 0.741 for 500
+        # steps on 176^2.
         "quick": {
             **_COMMON,
             "n_cascades": 3,

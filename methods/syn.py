@@ -23,9 +23,9 @@ Recipes:
   dict into the config as ``methods: {syn: {recipe: paper, overrides: {...}}}``.
 - ``quick``: the default CPU run (embedded2d, 176 x 176): the paper's regularisation (``SyN[0.25,9,0.2]``),
   CC radius 2, 40 iterations at 1/4 and 10 at 1/2 resolution, none at full resolution (the field is
-  upsampled from 1/2). On embedded2d's 13 val pairs: mean Dice 0.882 (0.634 unregistered) at about 1 s of
-  one CPU thread per pair, the paper setting 0.881 at about 12 s: on these noisy 2D slices its radius-4 CC
-  and 201 full-resolution iterations buy nothing.
+  upsampled from 1/2). On embedded2d's 13 val pairs: mean Dice 0.882 (0.634 unregistered) at under half a
+  second of one CPU thread per pair, the paper setting 0.881 at about twelve times that: on these noisy 2D slices
+  its radius-4 CC and 201 full-resolution iterations buy nothing.
 
 Reproducibility: one ITK thread and a fixed nonzero random seed give bit-identical displacements on
 rerun (regbench.blocks.ants); ``threads`` is part of the recipe, so it is recorded with the runtime in eval.json.

@@ -15,8 +15,8 @@ recipes, and so the leaderboard's row, are that baseline. The paper's full metho
 ``paper_invertible`` (``methods: {vtn: {recipe: paper_invertible}}``; on any recipe, ``inverse_weight > 0``):
 each pair is then registered both ways, the backward direction scored with the same terms as the forward
 one, and both round trips penalised (regbench.blocks.losses.invertibility_loss); a step costs twice as much.
-The paper's weight is unverified; on embedded2d's val split (quick recipe, 4 pairs) 0.01, 0.1 and 1 gave mean
-Dice 0.758, 0.722 and 0.652, against 0.735 without the loss and 0.629 unregistered.
+The paper's weight is unverified; on an earlier val split of embedded2d (quick recipe, 4 pairs) 0.01, 0.1 and 1
+gave mean Dice 0.758, 0.722 and 0.652, against 0.735 without the loss and 0.629 unregistered.
 
 The network is regbench.blocks.cascade's, the affine parameterisation and penalties regbench.blocks.affine's,
 shared with methods/rcn.py; it runs on a ``working_size^d`` cube (regbench.geometry). As in the code, each
@@ -90,7 +90,8 @@ class Method(RegistrationMethod):
         # small configuration (c = 8, 5 levels, affine widths halved, "ADD") with every term, the augmentation
         # and the schedule, one pair a step at 10x the step size, the heads started near zero (deviations).
         # A step on 128^2 takes about 0.7 times one on 176^2, so 800 steps cost what 600 did there.
-        # Mean val Dice (4 pairs) 0.735, 0.629 unregistered; 0.727 to 0.749 for 600 steps on 176^2.
+        # Mean val Dice (4 pairs of an earlier val split) 0.735, 0.629 unregistered; 0.727 to 0.749 for 600 steps
+        # on 176^2.
         "quick": {
             **_COMMON,
             "n_cascades": 2,

@@ -14,6 +14,7 @@ from regbench.dataset import write_prepared
 from regbench.evaluation.scoring import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.method import RegistrationMethod
+from regbench.plugins import load_dataset
 from regbench.training.loop import load_trained, train
 from regbench.evaluation.selection import val_scorer
 
@@ -57,6 +58,15 @@ def _summary(folder):
     return json.loads((folder / "train.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def four_val_pairs(tmp_path_factory):
+    """embedded2d with two val subjects per template: four val pairs (two within a template, two across)."""
+    root = tmp_path_factory.mktemp("four_val_pairs")
+    source = load_dataset("embedded2d")
+    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 2, "n_val": 2, "n_test": 1}))
+    return PreparedDataset(root / "prepared").without_test()
+
+
 def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_embedded2d, tmp_path):
     dataset = small_embedded2d.without_test()
     method = Drift()
@@ -79,6 +89,44 @@ def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_emb
     assert val_scorer(method, dataset, recipe, label_warp="linear")(net) == pytest.approx(linear["dice"].mean(),
                                                                                          abs=1e-12)
     assert val_scorer(method, dataset, method.recipe("quick", {"model_selection": "last"})) is None
+
+
+def test_the_score_is_the_mean_over_every_val_pair_with_the_evaluations_label_warp(four_val_pairs, tmp_path):
+    """A shift of half a voxel on each axis: linear and nearest label warps then disagree (at a whole voxel they
+    coincide), so each scorer must follow its own; the score is the mean over all four val pairs, not the first."""
+    method, recipe = Drift(), Drift().recipe("quick")
+    net = Shift(2)
+    with torch.no_grad():
+        net.shift.copy_(torch.tensor([1.5, 0.5]))
+    assert len(four_val_pairs.split_pairs("val")) == 4
+    scores = {}
+    for warp in ("nearest", "linear"):
+        table = evaluate_method(method, recipe, four_val_pairs, tmp_path / warp, net=net, runtime_repeats=0,
+                                split="val", label_warp=warp)
+        assert len(table) == 4 and table["dice"].std() > 0.001        # pairs that score differently
+        scores[warp] = val_scorer(method, four_val_pairs, recipe, label_warp=warp)(net)
+        assert scores[warp] == pytest.approx(table["dice"].mean(), abs=1e-12)
+        assert abs(scores[warp] - table["dice"].iloc[0]) > 1e-4       # not the first pair's alone
+    assert abs(scores["nearest"] - scores["linear"]) > 1e-3
+    # the network goes back to the mode it was in: training mode after a checkpoint's scoring
+    scorer = val_scorer(method, four_val_pairs, recipe)
+    net.train()
+    scorer(net)
+    assert net.training
+    net.eval()
+    scorer(net)
+    assert not net.training
+
+
+def test_the_first_of_equal_scores_is_kept(small_embedded2d, tmp_path):
+    """Scores 0.5, 0.7, 0.7, 0.6 after steps 1 to 4: the network after two steps (a later equal does not displace it)."""
+    scores = iter([0.5, 0.7, 0.7, 0.6])
+    method = Drift()
+    train(method, method.recipe("quick"), small_embedded2d.without_test(), tmp_path,
+          checkpoint_score=lambda net, precision: next(scores))
+    assert _summary(tmp_path)["model_selection"]["kept_iteration"] == 2
+    net, _ = load_trained(method, tmp_path / "model.pt")
+    assert net.shift[0].item() == pytest.approx(2.0, abs=1e-2)
 
 
 def test_the_default_keeps_the_last_network(small_embedded2d, tmp_path):
