@@ -1,5 +1,5 @@
 """The default run's README table (benchmarks/default_run.py) carries each row's p against no registration (the
-leaderboard's dice_p_vs_identity, tested in tests/test_stats.py) and what produced it."""
+leaderboard's dice_p_vs_identity, tested in tests/test_leaderboard_markdown.py) and what produced it."""
 from __future__ import annotations
 
 import sys

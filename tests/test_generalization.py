@@ -180,6 +180,20 @@ def test_the_report_and_the_markdown_show_the_generalization_table(tiny_run):
     assert line.startswith("| voxelmorph | none | ") and f"| {voxelmorph['dice_drop']:+.3f} (" in line
 
 
+def test_the_drop_s_bootstrap_draws_each_seed_once_for_both_datasets():
+    """Seeds 0 and 1 score 0.6 and 0.8 on each of 5 in-domain pairs and 0.1 less on each of 3 target pairs: with the
+    same seeds drawn for both sets, every replicate's drop is 0.1 (seeds drawn apart would give -0.1 to 0.3)."""
+    from regbench.evaluation import uncertainty
+
+    first = np.array([[0.6] * 5, [0.8] * 5])
+    second = first[:, :3] - 0.1
+    samples = uncertainty.bootstrap_difference(first, second, resamples=1000, seed=0)
+    assert samples.shape == (1000,)
+    assert uncertainty.confidence_interval(samples) == pytest.approx((0.1, 0.1))
+    with pytest.raises(ValueError, match="need the same seeds; 2 and 1 rows"):
+        uncertainty.bootstrap_difference(first, second[:1], resamples=10, seed=0)
+
+
 @pytest.mark.parametrize("on, message", [("[{", "--on is not valid JSON"),
                                          ('[{"prepared": "data/x/prepared"}]', "must be a JSON list of")])
 def test_a_bad_on_argument_is_one_error_before_anything_is_read_or_written(tmp_path, on, message):

@@ -1,6 +1,7 @@
 """leaderboard.md: ranks with their bootstrap intervals, what each row learned from, the best of each column in
 bold (ties at the printed precision too), contrasts named."""
 import pandas as pd
+import pytest
 
 from regbench.evaluation.aggregate import markdown_table, rank_text
 
@@ -43,7 +44,10 @@ def test_a_row_no_better_than_no_registration_is_marked():
 
 
 def test_the_leaderboard_tests_every_row_against_no_registration(tmp_path):
-    """Scores written by hand for 12 pairs: "good" beats identity on every pair, "flat" only wobbles around it."""
+    """Scores written by hand for 12 pairs: "good" beats identity on every pair, "flat" only wobbles around it (6 pairs
+    up, 6 down by the same 0.01: Wilcoxon p 1). good beats identity and flat on all 12 pairs: exact two-sided p
+    2 / 2^12 = 2^-11 each; Holm over the 3 tests (2^-11, 1, 2^-11): 3 x 2^-11, then 2 x 2^-11 raised to it, then 1.
+    identity is the only classical row, good and flat learn from images alone ("none")."""
     import numpy as np
 
     from regbench.evaluation import aggregate
@@ -52,16 +56,22 @@ def test_the_leaderboard_tests_every_row_against_no_registration(tmp_path):
 
     floor = np.linspace(0.5, 0.7, 12)
     wobble = np.tile([0.01, -0.01], 6)
-    for method, dice in (("identity", floor), ("good", floor + 0.05 + wobble / 5), ("flat", floor + wobble)):
+    for method, dice, supervision in (("identity", floor, "classical"), ("good", floor + 0.05 + wobble / 5, "none"),
+                                      ("flat", floor + wobble, "none")):
         folder = run_dir(tmp_path, "toy", method, 0)
         write_csv(folder / "pairs.csv", pd.DataFrame({"fixed": [f"f{i}" for i in range(12)],
                                                       "moving": [f"m{i}" for i in range(12)], "dice": dice}))
-        write_json(folder / "eval.json", {"supervision": "none", "deviations": []})
+        write_json(folder / "eval.json", {"supervision": supervision, "deviations": []})
     aggregate.write_leaderboard(tmp_path, "toy", ["identity", "good", "flat"], resamples=100)
     board = pd.read_csv(tmp_path / "toy" / "leaderboard.csv").set_index("method")   # as the report reads it
-    assert board.at["good", "dice_p_vs_identity"] < 0.05 and board.at["flat", "dice_p_vs_identity"] == 1.0
+    assert board.at["good", "dice_p_vs_identity"] == pytest.approx(3 * 2.0 ** -11)   # Holm's, not the raw 2^-11
+    assert board.at["flat", "dice_p_vs_identity"] == 1.0
     assert board.at["good", "dice_beats_identity"] and not board.at["flat", "dice_beats_identity"]
-    assert pd.isna(board.at["identity", "dice_p_vs_identity"])
+    assert pd.isna(board.at["identity", "dice_p_vs_identity"]) and pd.isna(board.at["identity", "dice_beats_identity"])
+    # good is the best; identity and flat are worse than it (Holm p 3 x 2^-11); within the classes flat still
+    # trails good, but identity is the best of its own
+    assert board["dice_not_worse"].to_dict() == {"good": True, "identity": False, "flat": False}
+    assert board["dice_not_worse_in_class"].to_dict() == {"good": True, "identity": True, "flat": False}
     write_json(tmp_path / "toy" / "leaderboard.json", {"failed": {}})
     names = {line.split(" | ")[1] for line in aggregate.write_markdown(tmp_path, ["toy"]).splitlines()
              if line.startswith("| ") and "---" not in line}
