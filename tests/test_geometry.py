@@ -73,6 +73,33 @@ def test_a_translation_of_two_mm_is_two_over_the_spacing_in_voxels():
     assert torch.allclose(back[:, 1], torch.full_like(back[:, 1], -1.0))   # -2 mm / 2 mm
 
 
+def test_a_training_batch_moves_each_kind_of_entry_its_own_way():
+    """adapter.batch: images linear, label maps nearest (same dtype, no new label values), a supervising field of
+    4 and -1 dataset voxels (2 mm and -2 mm) as 2 / h and -2 / h working voxels everywhere (h = 38 / 23 mm: the
+    fitted spacing, 19 x 2 mm over 23 voxels), also beyond the dataset's view (continued from the border), and
+    ``labels`` untouched."""
+    shape, spacing = (30, 20), (0.5, 2.0)
+    adapter = GridAdapter(shape, spacing, WorkingGrid((24, 24)))
+    h = adapter.spacing[0]
+    assert h == pytest.approx(38 / 23)
+    radius = torch.linalg.vector_norm(positions_mm(shape, spacing), dim=0)
+    image = torch.exp(-radius ** 2 / 50)[None, None]
+    seg = (radius < 6).long()[None, None] * 7 + (radius < 3).long()[None, None] * 2
+    supervision = torch.zeros(1, 2, *shape, dtype=torch.float64)
+    supervision[:, 0], supervision[:, 1] = 4.0, -1.0
+    labels = torch.tensor([7, 9])
+    moved = adapter.batch({"fixed": image, "moving": 2 * image, "fixed_seg": seg, "moving_seg": seg,
+                           "supervision": supervision, "labels": labels})
+    torch.testing.assert_close(moved["fixed"], adapter.image(image))
+    torch.testing.assert_close(moved["moving"], 2 * adapter.image(image))
+    for key in ("fixed_seg", "moving_seg"):
+        assert moved[key].dtype == torch.long and moved[key].shape == (1, 1, 24, 24)
+        assert set(moved[key].unique().tolist()) == {0, 7, 9}
+    torch.testing.assert_close(moved["supervision"][:, 0], torch.full((1, 24, 24), 2.0 / h, dtype=torch.float64))
+    torch.testing.assert_close(moved["supervision"][:, 1], torch.full((1, 24, 24), -2.0 / h, dtype=torch.float64))
+    assert moved["labels"] is labels
+
+
 def test_a_disc_in_mm_stays_a_disc_on_the_isotropic_working_grid():
     """Spacing is respected: a disc of radius 12 mm on a 1 x 3 mm grid is a disc on the working grid (its
     extent along both axes the same in working voxels); outside the dataset's view the image is 0."""

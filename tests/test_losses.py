@@ -28,6 +28,19 @@ def test_box_sum_is_a_zero_padded_ones_convolution(shape):
     torch.testing.assert_close(box_sum(narrow, 9), conv(narrow, wide, padding=4, groups=3))
 
 
+@pytest.mark.parametrize("shape, window", [((20, 23), (3, 7)), ((11, 12, 13), (1, 5, 3)), ((30,), (7,))])
+def test_box_sum_takes_one_window_size_per_axis_and_works_in_1d(shape, window):
+    """A window per axis sums over that many voxels along that axis (the 3D case leaves axis 0 alone, size 1);
+    one spatial axis goes through its own branch (a grouped conv1d)."""
+    x = torch.rand(2, 3, *shape, dtype=torch.float64)
+    conv = [torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d][len(shape) - 1]
+    kernel = torch.ones(3, 1, *window, dtype=torch.float64)
+    expected = conv(x, kernel, padding=[w // 2 for w in window], groups=3)
+    torch.testing.assert_close(box_sum(x, window), expected)
+    if len(shape) == 2:  # the transposed window is another sum
+        assert not torch.allclose(box_sum(x, window[::-1]), expected)
+
+
 @pytest.mark.parametrize("shape", [(32, 30), (14, 15, 16)])
 def test_local_ncc_of_an_image_with_itself_and_its_affine_copies_is_minus_one(shape):
     image = textured(shape)
@@ -64,6 +77,7 @@ def test_local_ncc_by_hand_on_a_window_covering_the_image():
     values = [cc_by_hand(padded_i[r:r + 3, c:c + 3], padded_j[r:r + 3, c:c + 3]) for r in range(3) for c in range(3)]
     expected = -torch.stack(values).mean()
     torch.testing.assert_close(local_ncc(i[None, None], j[None, None], window=3), expected)
+    torch.testing.assert_close(LocalNCC(window=3)(i[None, None], j[None, None]), expected)  # the module's window
     pearson = torch.corrcoef(torch.stack([i.flatten(), j.flatten()]))[0, 1]
     torch.testing.assert_close(values[4], pearson ** 2, atol=1e-5, rtol=1e-5)
 
@@ -77,6 +91,22 @@ def test_local_ncc_of_unrelated_noise_is_near_zero_and_its_gradient_is_finite():
     loss = local_ncc(a, b)
     loss.backward()
     assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+def test_local_ncc_map_compares_each_channel_of_each_image_with_its_own():
+    """B = 2, C = 3: cc[b, c] is the map of fixed[b, c] against warped[b, c] alone, so channel c of image b
+    matching (the identity pairs, cc = 1 inside) is not blurred by the other images or channels."""
+    fixed = torch.cat([textured((24, 22), seed=s) for s in range(6)], dim=1).view(2, 3, 24, 22)
+    warped = torch.rand(2, 3, 24, 22, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    warped[0, 1] = fixed[0, 1]
+    warped[1, 2] = 2.0 * fixed[1, 2]
+    cc = local_ncc_map(fixed, warped)
+    for b in range(2):
+        for c in range(3):
+            torch.testing.assert_close(cc[b, c], local_ncc_map(fixed[b:b + 1, c:c + 1], warped[b:b + 1, c:c + 1])[0, 0])
+    interior = (slice(4, -4), slice(4, -4))
+    assert cc[0, 1][interior].min() > 0.999 and cc[1, 2][interior].min() > 0.999
+    assert cc[0, 0][interior].mean() < 0.1 and cc[1, 1][interior].mean() < 0.1  # noise: about 1 / 80
 
 
 def test_local_ncc_rejects_bad_arguments():

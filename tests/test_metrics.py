@@ -260,6 +260,13 @@ def test_dice_learn2reg_absence_rule():
     assert d[0] == 1 and d[3] == 0
     assert np.isnan(M.dice_per_label(fixed, warped, [1, 2, 3, 4])[3])
     assert np.isnan(M.hd95_per_label(fixed, warped, [4])[0])
+    # the same rule when more than 4 labels are warped away (the moving map is then counted in one pass):
+    # 2..6 in fixed and moving -> 0; 7 not in fixed (though warped), 8 not in moving -> NaN; 1 kept -> 1
+    fixed = np.array([[1, 2, 3, 4, 5, 6, 8, 0]] * 2)
+    moving = np.array([[1, 2, 3, 4, 5, 6, 7, 0]] * 2)
+    warped = np.array([[1, 0, 0, 0, 0, 0, 7, 0]] * 2)
+    d = M.dice_per_label(fixed, warped, [1, 2, 3, 4, 5, 6, 7, 8], moving_seg=moving)
+    np.testing.assert_array_equal(d, [1, 0, 0, 0, 0, 0, np.nan, np.nan])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,6 +315,43 @@ def test_folded_slab_exact_counts(ndim):
     assert M.ndv(u) == pytest.approx(naive_ndv(u))
     det = naive_det(u)
     assert M.sdlogj(u) == pytest.approx(np.log(det[det > 0]).std())
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_zero_determinant_is_a_fold_and_is_left_out_of_sdlogj(ndim):
+    """u_0 = -(clip(x_0, 5, 9) - 5): central differences -1 on rows 6..8, so det = 1 - 1 = 0 exactly there (a fold:
+    det <= 0), -0.5 on rows 5 and 9 (det 0.5), 0 elsewhere (det 1). SDlogJ over the other 17 rows: the std of
+    15 zeros and 2 x log 0.5. Forward differences are -1 at worst: flat simplices, no negative volume (NDV 0)."""
+    shape = (20, 9, 8)[:ndim]
+    u = np.zeros((ndim,) + shape)
+    x0 = np.arange(shape[0], dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
+    u[0] = -(np.clip(x0, 5, 9) - 5)
+    rows = M.jacobian_determinant(u).reshape(shape[0], -1)
+    assert (rows[6:9] == 0).all() and (rows[[5, 9]] == 0.5).all() and (np.delete(rows, range(5, 10), 0) == 1).all()
+    assert M.fold_pct(u) == pytest.approx(100.0 * 3 / 20)
+    assert M.sdlogj(u) == pytest.approx(np.std([0.0] * 15 + [math.log(0.5)] * 2), abs=1e-12)
+    assert M.ndv(u) == 0
+    # through pair_metrics, with a given fixed_mask (rows 0..7: 2 of its 8 rows fold) instead of fixed_seg > 0
+    fixed = np.ones(shape, np.int32)
+    first_rows = np.zeros(shape, bool)
+    first_rows[:8] = True
+    scalars, _ = M.pair_metrics(fixed, fixed, u, [1], fixed_mask=first_rows)
+    assert scalars["fold_pct"] == pytest.approx(15.0)
+    assert scalars["fold_pct_mask"] == pytest.approx(100.0 * 2 / 8)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_sdlogj_l2r_clips_a_determinant_below_minus_three(ndim):
+    """u_0 = -5 (clip(x_0, 5, 7) - 5): central differences -2.5, -5, -2.5 on rows 5, 6, 7, so J + 3 is 1.5, -1, 1.5
+    there and 4 elsewhere. Learn2Reg clips J + 3 to 1e-9 before the log; over rows 2..9 (the [2:-2] crop of 12):
+    the std of 5 x log 4, 2 x log 1.5 and log 1e-9."""
+    shape = (12, 9, 8)[:ndim]
+    u = np.zeros((ndim,) + shape)
+    x0 = np.arange(shape[0], dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
+    u[0] = -5.0 * (np.clip(x0, 5, 7) - 5)
+    expected = np.std([math.log(4)] * 5 + [math.log(1.5)] * 2 + [math.log(1e-9)])
+    assert M.sdlogj_l2r(u) == pytest.approx(expected, abs=1e-12)
+    assert naive_l2r(u) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -380,12 +424,16 @@ def test_end_point_error_by_hand():
     u_true[1, :2] = 4.0  # |error| = 5 on the first two rows, 0 elsewhere
     assert M.end_point_error(u, u_true) == pytest.approx(5.0 * 2 / 4)
     mask = np.zeros((4, 5), bool)
-    mask[1:3] = True
-    assert M.end_point_error(u, u_true, mask) == pytest.approx(2.5)
+    mask[1:] = True  # one row of error 5 among three: 5 / 3, not the whole image's 2.5
+    assert M.end_point_error(u, u_true, mask) == pytest.approx(5.0 / 3)
     fixed = np.zeros((4, 5), np.uint8)
-    fixed[1:3] = 1
+    fixed[1:] = 1
     scalars, _ = M.pair_metrics(fixed, fixed, u, [1], u_true=u_true)
-    assert scalars["epe"] == pytest.approx(2.5)  # over the fixed foreground
+    assert scalars["epe"] == pytest.approx(5.0 / 3)  # over the fixed foreground
+    first_rows = np.zeros((4, 5), bool)
+    first_rows[:2] = True
+    scalars, _ = M.pair_metrics(fixed, fixed, u, [1], u_true=u_true, fixed_mask=first_rows)
+    assert scalars["epe"] == pytest.approx(5.0)  # over a given mask instead
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,6 +543,19 @@ def test_validation_errors():
     # whole-number float label maps (NIfTI) are accepted
     scalars, _ = M.pair_metrics(fixed.astype(np.float64), fixed.astype(np.float32), u, [1])
     assert scalars["dice"] == 1 and scalars["hd95"] == 0
+
+
+def test_label_values_beyond_a_lookup_table_in_any_order():
+    """Label values of 2^24 and more (no lookup table: a sorted search) listed out of order: Dice in the order
+    given. Label B = 2^24 + 7: 3 voxels in fixed, 2 in warped, 1 shared (2 * 1 / (3 + 2) = 0.4); label 3: the same
+    2 voxels (1.0); label A = 2^25: 4 voxels each, 3 shared (0.75). 2^24 + 8 is not evaluated and counts for none."""
+    big_b, big_a, other = 2 ** 24 + 7, 2 ** 25, 2 ** 24 + 8
+    fixed = np.array([[big_b, big_b, big_b, 3, 3, 0],
+                      [big_a, big_a, big_a, big_a, 0, other]], np.int64)
+    warped = np.array([[big_b, other, 0, 3, 3, 0],
+                       [big_a, big_a, big_a, other, big_a, big_b]], np.int64)
+    labels = [big_b, 3, big_a]
+    np.testing.assert_allclose(M.dice_per_label(fixed, warped, labels), [2 * 1 / 5, 1.0, 0.75], atol=1e-12)
 
 
 def test_many_labels():
