@@ -1,4 +1,5 @@
 """The real datasets' download and preparation, against a loopback server with archives of the real layout."""
+import io
 import subprocess
 import sys
 import tarfile
@@ -219,3 +220,51 @@ def test_ixi_without_labels_says_what_to_supply(tmp_path):
     source = load_dataset("ixi")
     with pytest.raises(InputError, match="labels_dir"):
         source.prepare(tmp_path / "raw", tmp_path / "prepared", source.resolve_options({}))
+
+
+def test_a_complete_part_file_is_finished_without_downloading_it_again(mirror, tmp_path):
+    """A ``.part`` holding every byte: the range request past the end gets 416 and the part becomes the file."""
+    url, server, folder = mirror
+    data = np.random.default_rng(1).bytes(50_000)
+    (folder / "complete.tar").write_bytes(data)
+    (tmp_path / "complete.tar.part").write_bytes(data)
+    server.requests.clear()
+    fetch(url + "complete.tar", tmp_path / "complete.tar", progress=False)
+    assert server.requests == [("/complete.tar", "bytes=50000-")]
+    assert (tmp_path / "complete.tar").read_bytes() == data and not (tmp_path / "complete.tar.part").exists()
+
+
+def test_a_file_with_its_published_checksum_is_not_downloaded_again(mirror, tmp_path):
+    url, server, folder = mirror
+    (folder / "kept.tar").write_bytes(b"published bytes")
+    import hashlib
+
+    md5 = "md5:" + hashlib.md5(b"published bytes").hexdigest()
+    fetch(url + "kept.tar", tmp_path / "kept.tar", known_hash=md5, progress=False)
+    server.requests.clear()
+    fetch(url + "kept.tar", tmp_path / "kept.tar", known_hash=md5, progress=False)
+    assert server.requests == [] and (tmp_path / "kept.tar").read_bytes() == b"published bytes"
+
+
+def test_extraction_writes_the_wanted_members_once_and_keeps_a_verified_corrupt_archive(tmp_path):
+    """Only the members ``wanted`` accepts, with their bytes, names without ``./``; a second call with the same
+    archive (size, time) trusts the stamp and writes nothing; a corrupt archive whose checksum matched is kept."""
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (("./s1/norm.nii.gz", b"norm"), ("s1/orig.nii.gz", b"orig"), ("s2/norm.nii.gz", b"two")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "extracted"
+    members = extract_members(archive, dest, lambda name: name.endswith("norm.nii.gz"))
+    assert members == ["s1/norm.nii.gz", "s2/norm.nii.gz"]
+    assert (dest / "s1" / "norm.nii.gz").read_bytes() == b"norm" and (dest / "s2" / "norm.nii.gz").read_bytes() == b"two"
+    assert not (dest / "s1" / "orig.nii.gz").exists()
+    (dest / "s2" / "norm.nii.gz").unlink()
+    assert extract_members(archive, dest, lambda name: True) == members   # the stamp: not extracted again
+    assert not (dest / "s2" / "norm.nii.gz").exists()
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(archive.read_bytes()[:700])
+    with pytest.raises(InputError, match="checksum matched"):
+        extract_members(broken, tmp_path / "other", lambda name: True, verified=True)
+    assert broken.exists()

@@ -313,3 +313,51 @@ def test_the_shifted_variant_s_true_displacements_warp_moving_onto_fixed(shifted
     test = shifted2d.split_pairs("test")
     pairs = [(f, m) for f, m in zip(test["fixed"], test["moving"]) if shifted2d.has_ground_truth(f, m)][:4]
     check_true_displacements(shifted2d, embedded_module().load_templates(2), pairs, min_dice=0.88)
+
+
+def test_bspline_basis_has_the_cubic_b_spline_s_values_and_sums_to_one():
+    """17 points, spacing 8: 2 intervals of 8, 5 control points (one beyond each end). At grid point 0 (a control
+    point) the weights are B(1), B(0), B(1) = 1/6, 2/3, 1/6; at point 4, half-way between two control points,
+    B(1.5), B(0.5), B(0.5), B(1.5) = 1/48, 23/48, 23/48, 1/48 (B(t) = 2/3 - t^2 + t^3/2 below 1, (2 - t)^3/6
+    below 2); every row sums to 1, so a constant field is reproduced."""
+    basis = embedded_module().bspline_matrix(17, 8.0)
+    assert basis.shape == (17, 5)
+    np.testing.assert_allclose(basis[0], [1 / 6, 2 / 3, 1 / 6, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(basis[4], [1 / 48, 23 / 48, 23 / 48, 1 / 48, 0], atol=1e-12)
+    np.testing.assert_allclose(basis[16], [0, 0, 1 / 6, 2 / 3, 1 / 6], atol=1e-12)
+    np.testing.assert_allclose(basis.sum(axis=1), 1.0, atol=1e-12)
+    # 18 points: round(17 / 8) = 2 intervals of 8.5 (the control points span the grid exactly):
+    # point 17 is the last control point inside the grid, as point 0 is the first
+    np.testing.assert_allclose(embedded_module().bspline_matrix(18, 8.0)[17], [0, 0, 1 / 6, 2 / 3, 1 / 6], atol=1e-12)
+
+
+def test_smooth_field_s_largest_vector_has_the_asked_length():
+    """The scale is set on the vectors' length over the channels, not per channel."""
+    field = embedded_module().smooth_field(np.random.default_rng(0), 2, (33, 40), 8.0, 5.0)
+    assert field.shape == (2, 33, 40)
+    assert np.sqrt((field ** 2).sum(axis=0)).max() == pytest.approx(5.0)
+    assert np.abs(field).max() < 5.0   # neither channel alone reaches it
+
+
+def test_the_affine_acts_about_the_grid_centre():
+    """c + M (p - c) + t on a 5 x 5 grid (c = (2, 2)) with M a quarter turn [[0, -1], [1, 0]] and t = (1, 0):
+    p = (4, 2) gives c + (0, 2) + t = (3, 4); the centre goes to c + t = (3, 2)."""
+    module = embedded_module()
+    moved = module._apply_affine(np.array([[0.0, -1.0], [1.0, 0.0]]), np.array([1.0, 0.0]),
+                                 module.identity_grid((5, 5), dtype=torch.float64))
+    assert moved[:, 4, 2].tolist() == [3.0, 4.0] and moved[:, 2, 2].tolist() == [3.0, 2.0]
+
+
+def test_stored_displacements_are_rounded_to_the_nearest_64th_of_a_voxel():
+    """0.01 * 64 = 0.64 rounds to 1, -0.02 * 64 = -1.28 to -1, 0.5 stays (32/64): 1/64, -1/64, 0.5."""
+    quantized = embedded_module().quantize(torch.tensor([0.01, -0.02, 0.5], dtype=torch.float64))
+    assert quantized.dtype == torch.float32 and quantized.tolist() == [1 / 64, -1 / 64, 0.5]
+
+
+def test_pairs_are_consecutive_within_a_template_then_across_with_the_fixed_side_alternating():
+    """One val and two test subjects per template: val has no within-template pair and one across (fsaverage
+    fixed); test has 00 -> 01 in each template, then 00 across with fsaverage fixed and 01 with xhemi fixed."""
+    pairs = [(p["split"], p["fixed"], p["moving"]) for p in embedded_module().make_pairs({"train": 0, "val": 1, "test": 2})]
+    assert pairs == [("val", "fsaverage_val_00", "xhemi_val_00"),
+                     ("test", "fsaverage_test_00", "fsaverage_test_01"), ("test", "xhemi_test_00", "xhemi_test_01"),
+                     ("test", "fsaverage_test_00", "xhemi_test_00"), ("test", "xhemi_test_01", "fsaverage_test_01")]

@@ -37,6 +37,22 @@ def test_a_noisy_intensity_gives_one_bit_less_the_binary_entropy_of_the_error():
     assert intensity_label_mi(image, seg) == pytest.approx(1 - h)   # 0.1887 bits
 
 
+def test_intensities_fall_in_equal_width_bins_over_the_image_s_range():
+    """Bins are [low, high) of width range / bins, the maximum in the last. Intensities 0, 0.4, 0.6, 1 with labels
+    0, 0, 1, 1: two bins split them at 0.5 (MI = H(s) = 1 bit), one bin holds all (MI 0). With the default 32 bins,
+    0 and 0.02 share bin 0 (0.02 * 32 = 0.64) while 1 is in bin 31: for labels 0, 1, 2 the MI is
+    H(i) = H(2/3, 1/3) = 0.9183 bits, not log2(3) as with finer bins."""
+    image, seg = np.array([0.0, 0.4, 0.6, 1.0]), np.array([0, 0, 1, 1])
+    assert intensity_label_mi(image, seg, bins=2) == pytest.approx(1.0)
+    assert intensity_label_mi(image, seg, bins=1) == 0.0
+    assert intensity_label_mi(image + 5.0, seg, bins=2) == pytest.approx(1.0)   # the image's own range, not [0, 1]
+    h = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert intensity_label_mi(np.repeat([0.0, 0.02, 1.0], 10), np.repeat([0, 1, 2], 10)) == pytest.approx(h)
+    assert intensity_label_mi(np.repeat([0.0, 0.04, 1.0], 10), np.repeat([0, 1, 2], 10)) == pytest.approx(math.log2(3))
+    with pytest.raises(ValueError, match="bins"):
+        intensity_label_mi(image, seg, bins=0)
+
+
 def test_mismatched_shapes_and_negative_labels_are_refused():
     with pytest.raises(ValueError, match="differ in shape"):
         intensity_label_mi(np.zeros((4, 4)), np.zeros((4, 5), int))
@@ -55,9 +71,12 @@ def test_the_prepare_step_records_every_subject_and_each_split_s_mean_in_dataset
     dataset = PreparedDataset(prepared)
     test_subjects = dataset.split_subjects("test")
     assert set(record["subjects"]) == set(dataset.subjects.index) and record["unit"] == "bits"
+    assert record["bins"] == 32 and set(record["splits"]) == {"train", "val", "test"}
     expected = intensity_label_mi(dataset.image(test_subjects[0]), dataset.seg(test_subjects[0]), record["bins"])
     assert record["subjects"][test_subjects[0]] == pytest.approx(expected)
-    assert record["splits"]["test"] == pytest.approx(np.mean([record["subjects"][s] for s in test_subjects]))
+    for split in ("train", "val", "test"):
+        values = [record["subjects"][s] for s in dataset.split_subjects(split)]
+        assert record["splits"][split] == pytest.approx(np.mean(values))
     # brain slices: the intensities say much, not all, about the labels
     assert 0.3 < record["splits"]["test"] < 3.0
 
