@@ -38,7 +38,30 @@ def test_default_config_resolves():
     assert settings["recipe"]["iterations"] > 0
     # the default run trains with the values its lock file chose on val
     assert settings["tuned"]["file"] == "tuned/embedded2d.yaml"
-    assert all(settings["recipe"][key] == value for key, value in settings["tuned"]["values"].items())
+    chosen = yaml.safe_load((CONFIG_DIR / "tuned" / "embedded2d.yaml").read_text())["methods"]["voxelmorph"]["chosen"]
+    assert chosen and settings["tuned"]["values"] == chosen and settings["tuned"]["overridden"] == []
+    assert {key: settings["recipe"][key] for key in chosen} == chosen
+    assert settings["recipe"]["lr"] != 1e-3          # the lock's rate replaced the quick recipe's
+
+
+def test_instance_optimisation_takes_the_config_s_rate_when_it_gives_one():
+    """``instance_optimisation: {lr: 0.01}`` replaces the (tuned) rate of the method's recipe for the +io row only."""
+    config = check_config({**default_config(), "instance_optimisation": {"methods": ["voxelmorph"], "steps": 7,
+                                                                         "lr": 0.01}}, config_dir=CONFIG_DIR)
+    row = job_settings(config, "embedded2d", "voxelmorph+io")
+    assert row["instance_optimisation"] == {"steps": 7, "lr": 0.01} and row["recipe"]["lr"] != 0.01
+
+
+def test_seeds_default_to_the_seed_and_deterministic_methods_run_the_first_one_only():
+    """``seeds`` unset: [seed]. With seeds [3, 1, 2] a learned method (voxelmorph) and elastix (it samples) run all
+    three; identity and syn (deterministic) run seed 3 alone."""
+    from regbench.workflow.config import method_seeds
+
+    config = check_config({"datasets": {"embedded2d": {}}, "methods": {"identity": {}}, "seed": 5})
+    assert config["seeds"] == [5]
+    config = check_config({**default_config(), "seeds": [3, 1, 2]}, config_dir=CONFIG_DIR)
+    assert [method_seeds(config, m) for m in ("voxelmorph", "elastix", "identity", "syn", "voxelmorph+io")] == \
+        [[3, 1, 2], [3, 1, 2], [3], [3], [3, 1, 2]]
 
 
 def test_the_default_config_evaluates_embedded2d_s_runs_on_embedded2d_shift_with_embedded2d_s_tuned_values():
@@ -91,6 +114,18 @@ def test_every_shipped_config_passes_the_schema_and_resolves(path):
     (lambda c: c.update(datasets={"embedded2d": {}, "embedded2d_shift": {"n_test": 3}},
                         evaluate_on={"embedded2d": {"embedded2d_shift": {"n_test": 2}}}),
      r"'embedded2d_shift' has other options under 'datasets'; give them in one place"),
+    (lambda c: c.update(datasets={"embedded2d": {}, "oasis2d": {}},
+                        evaluate_on={"embedded2d": {"embedded2d_shift": {"n_test": 2}},
+                                     "oasis2d": {"embedded2d_shift": {"n_test": 3}}}),
+     r"evaluate_on > oasis2d: 'embedded2d_shift' has other options under another evaluate_on entry"),
+    # the training loop's own keys: a run needs a step count >= 0, a batch, a positive rate
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"iterations": -1}}),
+     r"method 'voxelmorph': recipe key 'iterations' must be >= 0, got -1"),
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"batch_size": 0}}),
+     r"method 'voxelmorph': recipe key 'batch_size' must be >= 1, got 0"),
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"log_every": 0}}), r"'log_every' must be >= 1, got 0"),
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"lr": 0.0}}), r"recipe key 'lr' must be > 0, got 0.0"),
+    (lambda c: c["methods"].update(voxelmorph={"overrides": {"lr": float("nan")}}), r"'lr' must be > 0, got nan"),
     (lambda c: c.update(instance_optimisation={"methods": ["transmorph"]}),
      r"instance_optimisation > methods: 'transmorph' is not under 'methods'"),
     (lambda c: c.update(instance_optimisation={"methods": ["birnet"]}), r"'birnet' learns from a teacher's fields"),
@@ -101,6 +136,16 @@ def test_bad_names_and_values_are_named(change, message):
     change(config)
     with pytest.raises(ConfigError, match=message):
         check_config(config, config_dir=CONFIG_DIR)
+
+
+def test_the_training_keys_smallest_values_are_accepted():
+    """The bounds are inclusive: 0 iterations, a batch of 1, logging and checkpointing every step are a valid run."""
+    config = default_config()
+    config["methods"]["voxelmorph"] = {"overrides": {"iterations": 0, "batch_size": 1, "checkpoint_every": 1,
+                                                     "log_every": 1, "lr": 1e-12}}
+    resolved = check_config(config, config_dir=CONFIG_DIR)
+    recipe = job_settings(resolved, "embedded2d", "voxelmorph")["recipe"]
+    assert (recipe["iterations"], recipe["batch_size"], recipe["lr"]) == (0, 1, 1e-12)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -22,8 +22,32 @@ def test_displacement_files_round_trip_in_learn2reg_layout(tmp_path, shape, suff
     write_displacement(path, u)
     if suffix == ".npz":
         with np.load(path) as npz:
-            assert npz["disp"].shape == (*shape, len(shape))  # vector last, as Learn2Reg stores it
+            stored = npz["disp"]
+    else:
+        import nibabel as nib
+
+        stored = np.asanyarray(nib.load(str(path)).dataobj)
+    assert stored.shape == (*shape, len(shape))  # the fixed grid, then the vector, as Learn2Reg stores it
+    voxel = (1, 2, 3)[:len(shape)]
+    for k in range(len(shape)):  # component k of the vector at voxel x is u[k][x]
+        assert stored[(*voxel, k)] == pytest.approx(u[(k, *voxel)], abs=1e-6)
     np.testing.assert_allclose(read_displacement(path, shape), u, atol=1e-6)
+
+
+def test_learn2reg_files_written_by_other_tools_are_read(tmp_path):
+    """What other tools write: an .npz whose one array has any key (np.savez's arr_0), an integer array, and a NIfTI
+    vector image stored X x Y x Z x 1 x 3; each reads as ``ndim x *shape`` float64 with the same values."""
+    import nibabel as nib
+
+    shape = (4, 5, 6)
+    field = np.arange(4 * 5 * 6 * 3).reshape(*shape, 3)      # vector last; component k at x: field[x][k]
+    expected = np.stack([field[..., k] for k in range(3)]).astype(np.float64)
+    np.savez(tmp_path / "disp_any_key.npz", field)
+    np.testing.assert_array_equal(read_displacement(tmp_path / "disp_any_key.npz", shape), expected)
+    integer = read_displacement(tmp_path / "disp_any_key.npz", shape)
+    assert integer.dtype == np.float64 and integer[2, 1, 2, 3] == field[1, 2, 3, 2]
+    nib.save(nib.Nifti1Image(field[:, :, :, None, :].astype(np.float32), np.eye(4)), str(tmp_path / "disp_5d.nii.gz"))
+    np.testing.assert_array_equal(read_displacement(tmp_path / "disp_5d.nii.gz", shape), expected)
 
 
 def test_bad_displacement_files_get_one_clear_error(tmp_path):
@@ -73,9 +97,9 @@ def test_evaluate_command_scores_a_translated_cube(tmp_path):
     assert scores["hd95_vox"] == pytest.approx(2.0)
     assert scores["fold_pct"] == 0 and [row["label"] for row in scores["labels"]] == [1]
     # the true displacement recovers the cube exactly
-    u = np.zeros((3, 20, 20, 20))
-    u[0] = 2.0
-    write_displacement(tmp_path / "disp_true.npz", u)
+    u = np.zeros((20, 20, 20, 3))   # written as Learn2Reg's own tools do: the vector last
+    u[..., 0] = 2.0
+    np.savez(tmp_path / "disp_true.npz", disp=u)
     out = tmp_path / "scores.json"
     result = run_evaluate("--fixed-seg", tmp_path / "fixed.nii.gz", "--moving-seg", tmp_path / "moving.nii.gz",
                           "--disp", tmp_path / "disp_true.npz", "--labels", "1-3", "--json", out)

@@ -154,6 +154,10 @@ def test_train_json_records_step_time_memory_and_precision(tiny_dataset, tmp_pat
     assert summary["peak_mem_mb"] > 10  # the process's peak resident set, MiB
     saved = json.loads((tmp_path / "train.json").read_text())
     assert saved["precision"] == "fp32" and saved["step_time_s"] == pytest.approx(summary["step_time_s"])
+    # 4 + 4 steps; two 2 -> 2 convolutions of 3 x 3 with bias: 2 x (2 x 2 x 9 + 2) = 76 parameters
+    assert saved["iterations"] == 8 and saved["parameters"] == 76 and saved["resumed_from"] == 0
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert saved["final_loss"] == pytest.approx(log["loss"].iloc[-1]) and log["iteration"].iloc[-1] == 7
 
 
 class DecayedStages(TwoStages):
@@ -172,6 +176,51 @@ def test_a_stage_decays_its_rate_at_its_milestones(tiny_dataset, tmp_path):
     # after its milestone the first stage's rate is 0: its weights stay those of a two-step stage
     torch.testing.assert_close(decayed.snapshots[1]["first.weight"], short.snapshots[1]["first.weight"])
     assert not torch.equal(decayed.snapshots[0]["first.weight"], decayed.snapshots[1]["first.weight"])
+
+
+def test_the_rate_is_the_stage_s_own_times_gamma_per_milestone_passed():
+    """Milestones [4, 2] (either order), gamma 0.5, the stage's rate 0.1 over the recipe's 1.0: steps 0-1 at 0.1,
+    2-3 at 0.05, 4-5 at 0.025 (MultiStepLR: the milestone step itself has the decayed rate); without a rate of its
+    own the stage decays the recipe's."""
+    from regbench.training.loop import _set_learning_rate
+
+    weight = nn.Parameter(torch.zeros(1))
+    optimiser = torch.optim.Adam([weight], lr=123.0)
+    rates = {}
+    for lr, expected in [(0.1, [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]), (None, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25])]:
+        stage = TrainingStage("s", 6, [weight], lr=lr, lr_decay=([4, 2], 0.5))
+        rates[lr] = []
+        for step in range(6):
+            _set_learning_rate(optimiser, stage, {"lr": 1.0}, step)
+            rates[lr].append(optimiser.param_groups[0]["lr"])
+        assert rates[lr] == pytest.approx(expected), lr
+    _set_learning_rate(optimiser, TrainingStage("s", 6, [weight], lr=0.1), {"lr": 1.0}, 5)
+    assert optimiser.param_groups[0]["lr"] == 0.25   # no decay: the rate is left as the optimiser has it
+
+
+class FrozenRateStages(TwoStages):
+    """The toy with a rate of 0 of the first stage's own (the recipe's rate is 1e-2)."""
+
+    def training_stages(self, net, recipe):
+        first, second = super().training_stages(net, recipe)
+        return [first._replace(lr=0.0), second]
+
+
+def test_a_stage_trains_at_its_own_rate_over_the_recipe_s(tiny_dataset, tmp_path):
+    method = FrozenRateStages()
+    train(method, method.recipe("quick"), tiny_dataset, tmp_path)
+    start, middle = method.snapshots[0], method.snapshots[1]
+    assert torch.equal(start["first.weight"], middle["first.weight"])     # 4 steps at rate 0
+    final = load_trained(method, tmp_path / "model.pt")[0].state_dict()
+    assert not torch.equal(middle["second.weight"], final["second.weight"])  # the recipe's rate
+
+
+def test_the_log_keeps_every_log_every_th_step_and_the_last(tiny_dataset, tmp_path):
+    """log_every 3 over 8 steps: iterations 0, 3, 6 and the last one, 7."""
+    method = TwoStages()
+    train(method, method.recipe("quick", {"log_every": 3}), tiny_dataset, tmp_path)
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert list(log["iteration"]) == [0, 3, 6, 7] and list(log["stage"]) == ["first", "first", "second", "second"]
 
 
 # ------------------------------------------------------------------ batches from the DataLoader

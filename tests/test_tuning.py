@@ -88,14 +88,31 @@ def _tune(dataset, out, trials=3, **recipe):
     return tuning.tune(method, method.recipe("quick", recipe), dataset, out, trials=trials, seed=0)
 
 
-def test_trials_train_on_train_and_score_on_val(small_embedded2d, tmp_path):
-    choice = _tune(small_embedded2d, tmp_path / "study", trials=3)
+@pytest.fixture(scope="module")
+def four_val_pairs(tmp_path_factory):
+    """embedded2d with 2 val subjects per template: 4 val pairs (1 within each template, 2 across), so a trial's
+    mean val Dice is not any one pair's, nor their median."""
+    from regbench.data.prepared import PreparedDataset
+    from regbench.plugins import load_dataset
+
+    root = tmp_path_factory.mktemp("four_val_pairs")
+    source = load_dataset("embedded2d")
+    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 3, "n_val": 2, "n_test": 1}))
+    return PreparedDataset(root / "prepared")
+
+
+def test_trials_train_on_train_and_score_on_val(four_val_pairs, tmp_path):
+    choice = _tune(four_val_pairs, tmp_path / "study", trials=3)
     trials = pd.read_csv(tmp_path / "study" / "trials.csv")
     assert list(trials["trial"]) == [0, 1, 2] and set(trials["status"]) == {"feasible"}
     assert (trials["lr"].between(1e-3, 1.0) & trials["weight"].between(0.5, 2.0)).all()
-    val_pairs = small_embedded2d.split_pairs("val")
+    val_pairs = four_val_pairs.split_pairs("val")
     scored = pd.read_csv(tmp_path / "study" / "trials" / "000" / "pairs.csv")
     assert list(zip(scored["fixed"], scored["moving"])) == list(zip(val_pairs["fixed"], val_pairs["moving"]))
+    # a trial's objective is the mean over its val pairs, as the benchmark scores them
+    assert len(scored) == 4 and scored["dice"].nunique() == 4
+    assert trials.loc[0, "val_dice"] == pytest.approx(scored["dice"].mean(), rel=1e-9)
+    assert trials.loc[0, "val_fold_pct"] == pytest.approx(scored["fold_pct"].mean(), abs=1e-12)
     assert trials.loc[choice["trial"], "val_dice"] == pytest.approx(trials["val_dice"].max())
     assert choice["chosen"]["lr"] == pytest.approx(trials.loc[choice["trial"], "lr"])
     assert not (tmp_path / "study" / "trials" / "000" / "model.pt").exists()
@@ -107,6 +124,9 @@ def test_a_diverging_trial_is_recorded_and_loses(small_embedded2d, tmp_path):
     trials = pd.read_csv(tmp_path / "study" / "trials.csv")
     diverged = trials[trials["status"] == "diverged"]
     assert len(diverged) >= 1 and (diverged["lr"] > 0.03).all()
+    # every trial above the rate diverged, no other did; a diverged trial has no score
+    assert ((trials["status"] == "diverged") == (trials["lr"] > 0.03)).all()
+    assert diverged["val_dice"].isna().all() and diverged["val_fold_pct"].isna().all()
     assert len(trials) == 6                      # the tuning went on after it
     assert choice["status"] == "feasible" and choice["chosen"]["lr"] <= 0.03
 
@@ -118,6 +138,56 @@ def test_an_infeasible_trial_loses_to_every_feasible_one():
     assert tuning.choose(rows) == 2
     nothing_feasible = rows.assign(status=["infeasible", "infeasible", "infeasible", "diverged"])
     assert tuning.choose(nothing_feasible) == 1  # the one that folds least
+
+
+def test_ties_go_to_the_earliest_trial_and_diverged_trials_come_last():
+    """The docstring's tie rules: equal val Dice among feasible trials, or equal folds among infeasible ones, choose
+    the earlier trial; a diverged trial is chosen only when every trial diverged (then the first)."""
+    rows = pd.DataFrame({"trial": [0, 1, 2, 3], "val_dice": [0.6, 0.8, 0.8, 0.9],
+                         "val_fold_pct": [0.1, 0.2, 0.3, 0.0],
+                         "status": ["feasible", "feasible", "feasible", "infeasible"]})
+    assert tuning.choose(rows) == 1                      # trials 1 and 2 tie at 0.8; 3 is better but infeasible
+    infeasible = pd.DataFrame({"trial": [0, 1, 2, 3], "val_dice": [0.5, 0.9, 0.7, float("nan")],
+                               "val_fold_pct": [3.0, 1.0, 1.0, float("nan")],
+                               "status": ["infeasible", "infeasible", "infeasible", "diverged"]})
+    assert tuning.choose(infeasible) == 1                # 1 and 2 fold 1 % each: the earlier one
+    diverged = pd.DataFrame({"trial": [0, 1, 2], "val_dice": [float("nan")] * 3, "val_fold_pct": [float("nan")] * 3,
+                             "status": ["diverged"] * 3})
+    assert tuning.choose(diverged) == 0
+
+
+def test_startup_trials_are_a_third_of_the_budget_at_least_four():
+    """min(trials, max(4, trials // 3)): 2 -> 2 (all of a small budget), 12 -> 4, 14 -> 4, 17 -> 5 (rounded down)."""
+    assert [tuning.startup_trials(n) for n in (1, 2, 4, 12, 14, 15, 17, 30)] == [1, 2, 4, 4, 4, 5, 5, 10]
+
+
+def test_trials_train_the_fraction_of_the_budget(small_embedded2d, tmp_path):
+    """With fraction 0.5 a trial of the 4-iteration recipe trains round(4 x 0.5) = 2 steps, and the choice records
+    that budget (3 trials: all of them random start-up trials)."""
+    method = Shift()
+    choice = tuning.tune(method, method.recipe("quick"), small_embedded2d, tmp_path / "study", trials=3,
+                         fraction=0.5, seed=0)
+    for index in range(3):
+        trained = read_json(tmp_path / "study" / "trials" / f"{index:03d}" / "train.json")
+        assert trained["iterations"] == 2
+    assert len(pd.read_csv(tmp_path / "study" / "trials" / "000" / "train_log.csv")) == 2
+    assert choice["budget"]["iterations"] == {"iterations": 2} and choice["budget"]["fraction"] == 0.5
+    assert choice["budget"]["startup_trials"] == 3
+
+
+def test_the_fold_bound_is_inclusive_and_a_violation_makes_every_trial_infeasible(small_embedded2d, tmp_path):
+    """A translation folds no voxel (fold_pct 0). Bound 0: every trial is feasible (folds <= bound); bound -0.1:
+    every trial is infeasible, and the choice is the one that folds least, on a tie the first (trial 0)."""
+    method = Shift()
+    recipe = method.recipe("quick")
+    at_bound = tuning.tune(method, recipe, small_embedded2d, tmp_path / "zero", trials=2, max_fold_pct=0.0, seed=0)
+    trials = pd.read_csv(tmp_path / "zero" / "trials.csv")
+    assert (trials["val_fold_pct"] == 0).all() and set(trials["status"]) == {"feasible"}
+    assert at_bound["status"] == "feasible"
+    below = tuning.tune(method, recipe, small_embedded2d, tmp_path / "below", trials=2, max_fold_pct=-0.1, seed=0)
+    assert set(pd.read_csv(tmp_path / "below" / "trials.csv")["status"]) == {"infeasible"}
+    assert below["status"] == "infeasible" and below["trial"] == 0
+    assert below["val_fold_pct"] == 0.0 and below["budget"]["max_fold_pct"] == -0.1
 
 
 def test_a_killed_tuning_resumes_and_ends_with_the_same_choice(small_embedded2d, tmp_path, monkeypatch):
@@ -178,6 +248,12 @@ def test_runs_train_with_the_lock_file_and_a_bad_one_stops_the_run(tmp_path):
         check_config(config, config_dir=tmp_path)
     with pytest.raises(ConfigError, match="missing.yaml: tuning lock file not found"):
         check_config({**config, "tuned": {"embedded2d": "missing.yaml"}}, config_dir=tmp_path)
+    # a chosen value that is not a number (a quoted one, or a YAML boolean) names the method and the key
+    for bad in ("0.002", True):
+        broken = {**lock, "methods": {"voxelmorph": {"chosen": {"lr": bad}}}}
+        (tmp_path / "tuned" / "embedded2d.yaml").write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=f"embedded2d.yaml: methods > voxelmorph > chosen > lr: {bad!r} is not a"):
+            check_config(config, config_dir=tmp_path)
     json.dumps(settings)  # the settings stay JSON for the command line
 
 
