@@ -14,7 +14,6 @@ from regbench.dataset import write_prepared
 from regbench.evaluation.scoring import evaluate_method
 from regbench.io import InputError, save_nifti
 from regbench.method import RegistrationMethod
-from regbench.plugins import load_dataset
 from regbench.training.loop import load_trained, train
 from regbench.evaluation.selection import val_scorer
 
@@ -58,15 +57,6 @@ def _summary(folder):
     return json.loads((folder / "train.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def four_val_pairs(tmp_path_factory):
-    """embedded2d with two val subjects per template: four val pairs (two within a template, two across)."""
-    root = tmp_path_factory.mktemp("four_val_pairs")
-    source = load_dataset("embedded2d")
-    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 2, "n_val": 2, "n_test": 1}))
-    return PreparedDataset(root / "prepared").without_test()
-
-
 def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_embedded2d, tmp_path):
     dataset = small_embedded2d.without_test()
     method = Drift()
@@ -94,22 +84,22 @@ def test_the_best_val_checkpoint_is_kept_and_scored_as_register_scores(small_emb
 def test_the_score_is_the_mean_over_every_val_pair_with_the_evaluations_label_warp(four_val_pairs, tmp_path):
     """A shift of half a voxel on each axis: linear and nearest label warps then disagree (at a whole voxel they
     coincide), so each scorer must follow its own; the score is the mean over all four val pairs, not the first."""
-    method, recipe = Drift(), Drift().recipe("quick")
+    method, recipe, dataset = Drift(), Drift().recipe("quick"), four_val_pairs.without_test()
     net = Shift(2)
     with torch.no_grad():
         net.shift.copy_(torch.tensor([1.5, 0.5]))
-    assert len(four_val_pairs.split_pairs("val")) == 4
+    assert len(dataset.split_pairs("val")) == 4
     scores = {}
     for warp in ("nearest", "linear"):
-        table = evaluate_method(method, recipe, four_val_pairs, tmp_path / warp, net=net, runtime_repeats=0,
+        table = evaluate_method(method, recipe, dataset, tmp_path / warp, net=net, runtime_repeats=0,
                                 split="val", label_warp=warp)
         assert len(table) == 4 and table["dice"].std() > 0.001        # pairs that score differently
-        scores[warp] = val_scorer(method, four_val_pairs, recipe, label_warp=warp)(net)
+        scores[warp] = val_scorer(method, dataset, recipe, label_warp=warp)(net)
         assert scores[warp] == pytest.approx(table["dice"].mean(), abs=1e-12)
         assert abs(scores[warp] - table["dice"].iloc[0]) > 1e-4       # not the first pair's alone
     assert abs(scores["nearest"] - scores["linear"]) > 1e-3
     # the network goes back to the mode it was in: training mode after a checkpoint's scoring
-    scorer = val_scorer(method, four_val_pairs, recipe)
+    scorer = val_scorer(method, dataset, recipe)
     net.train()
     scorer(net)
     assert net.training

@@ -88,19 +88,6 @@ def _tune(dataset, out, trials=3, **recipe):
     return tuning.tune(method, method.recipe("quick", recipe), dataset, out, trials=trials, seed=0)
 
 
-@pytest.fixture(scope="module")
-def four_val_pairs(tmp_path_factory):
-    """embedded2d with 2 val subjects per template: 4 val pairs (1 within each template, 2 across), so a trial's
-    mean val Dice is not any one pair's, nor their median."""
-    from regbench.data.prepared import PreparedDataset
-    from regbench.plugins import load_dataset
-
-    root = tmp_path_factory.mktemp("four_val_pairs")
-    source = load_dataset("embedded2d")
-    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 3, "n_val": 2, "n_test": 1}))
-    return PreparedDataset(root / "prepared")
-
-
 def test_trials_train_on_train_and_score_on_val(four_val_pairs, tmp_path):
     choice = _tune(four_val_pairs, tmp_path / "study", trials=3)
     trials = pd.read_csv(tmp_path / "study" / "trials.csv")
