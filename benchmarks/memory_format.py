@@ -25,7 +25,7 @@ import yaml
 from regbench import plugins
 from regbench.data.prepared import to_device
 from regbench.runtime import git_commit, in_memory_format
-from regbench.training.loop import optimiser_step, train_only, weighted_loss
+from regbench.training.loop import adam, optimiser_step, train_only, weighted_loss
 from regbench.workflow.config import check_config, job_settings
 from regbench.workflow.plan import dataset_grid, synthetic_batch
 
@@ -45,7 +45,7 @@ def step_in_layout(method, recipe, grid, layout):
     batch = in_memory_format(adapter.batch(to_device(synthetic_batch(grid, int(recipe["batch_size"]),
                                                                      method.needs_supervision), cpu)),
                              layout, grid["ndim"])
-    optimiser = torch.optim.Adam(stage.parameters, lr=1e-6)
+    optimiser = adam(stage.parameters, 1e-6, stage.adam)
     net.train()
     losses = []
 

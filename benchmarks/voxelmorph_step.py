@@ -46,13 +46,14 @@ def regbench_step(shape, batch, features=VM2, downsampling="maxpool"):
     """One training step through regbench's own path: the plugin's network and loss_terms."""
     from regbench.method import parameter_count
     from regbench.plugins import load_method
+    from regbench.training.loop import adam
 
     method = load_method("voxelmorph")
     recipe = method.recipe("paper", {"features": [list(features[0]), list(features[1])], "lr": 1e-4,
                                      "downsampling": downsampling, "similarity": "ncc", "ncc_window": 9,
                                      "smoothness_weight": 1.0, "diffeomorphic": False, "dice_weight": 0.0})
     net = method.build(len(shape), recipe)
-    optimiser = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
+    optimiser = adam(net.parameters(), recipe["lr"])
 
     def step():
         terms = method.loss_terms(net, batch, recipe)

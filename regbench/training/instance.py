@@ -18,7 +18,7 @@ import torch
 
 from regbench.geometry import GridAdapter
 from regbench.method import RegistrationMethod
-from regbench.training.loop import optimiser_step, train_only, weighted_loss
+from regbench.training.loop import adam, optimiser_step, train_only, weighted_loss
 
 
 def check_instance_optimisation(method: RegistrationMethod, settings: dict[str, Any] | None) -> None:
@@ -51,7 +51,7 @@ def instance_optimised_registration(method: RegistrationMethod, net: torch.nn.Mo
     last = len(stages) - 1
     train_only(tuned, stages[last].parameters)
     method.start_stage(tuned, last, loss_recipe)
-    optimiser = torch.optim.Adam(stages[last].parameters, lr=lr, **(stages[last].adam or {}))
+    optimiser = adam(stages[last].parameters, lr, stages[last].adam)
     batch = adapter.batch({"fixed": fixed, "moving": moving})
     with torch.enable_grad():
         for _ in range(int(steps)):

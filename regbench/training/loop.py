@@ -54,6 +54,15 @@ def train_only(net: torch.nn.Module, parameters) -> None:
         parameter.requires_grad_(id(parameter) in active)
 
 
+def adam(parameters, lr: float, options: dict | None = None) -> torch.optim.Adam:
+    """torch's Adam over ``parameters`` at rate ``lr``, with a stage's extra options (``TrainingStage.adam``).
+
+    Fused: one kernel a parameter tensor instead of about a dozen small operations, on a CPU as on a GPU; a step of
+    the pyramid (210 tensors) or RCN (117) spends several times less in the optimiser. It is Adam's update; only
+    the order of floating-point operations differs from torch's loop over tensors."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True, **(options or {}))
+
+
 def optimiser_step(total: torch.Tensor, optimiser: torch.optim.Optimizer, scaler=None) -> None:
     """Back-propagate ``total`` and step (through the gradient scaler in fp16)."""
     optimiser.zero_grad(set_to_none=True)
@@ -116,8 +125,7 @@ def train(method: RegistrationMethod, recipe: dict[str, Any], dataset: PreparedD
         stage = stages[index]
         train_only(net, stage.parameters)
         method.start_stage(net, index, recipe)
-        return torch.optim.Adam(stage.parameters, lr=stage.lr if stage.lr is not None else recipe["lr"],
-                                **(stage.adam or {}))
+        return adam(stage.parameters, stage.lr if stage.lr is not None else recipe["lr"], stage.adam)
 
     checkpoint_path = out_dir / "checkpoint.pt"
     start, log_rows, elapsed = 0, [], 0.0

@@ -23,7 +23,7 @@ from regbench import plugins
 from regbench.data.prepared import PreparedDataset, to_device
 from regbench.io import InputError
 from regbench.runtime import in_memory_format, memory_format, synchronize, training_precision
-from regbench.training.loop import optimiser_step, train_only, weighted_loss
+from regbench.training.loop import adam, optimiser_step, train_only, weighted_loss
 from regbench.workflow.config import dataset_options, evaluation_targets, job_settings
 
 
@@ -77,7 +77,7 @@ def calibrate(method, recipe: dict[str, Any], grid: dict[str, Any], device: torc
     for index, stage in enumerate(stages):
         train_only(net, stage.parameters)
         method.start_stage(net, index, recipe)
-        optimiser = torch.optim.Adam(stage.parameters, lr=1e-6)  # a tiny rate: the weights stay as built
+        optimiser = adam(stage.parameters, 1e-6, stage.adam)  # a tiny rate: the weights stay as built
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         times = []
         for _ in range(steps + 1):
