@@ -1,7 +1,8 @@
 """The default benchmark's budget: wall time of `snakemake --cores all` from nothing, and the README's figures.
 
-Prints the wall time of each run, the mean test Dice of every method with its bootstrap interval and rank,
-and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart from timing columns.
+Prints the machine's speed before and after the runs (the median time of a VoxelMorph training step, one thread:
+the same work's wall time moves with it), the wall time of each run, the mean test Dice of every method with its
+bootstrap interval and rank, and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart from timing columns.
 Each run starts in an empty working directory, as on a clean clone. With --readme, the figures table of the
 README (between its <!-- default-run --> markers) is rewritten from the first run's leaderboard, with the
 commit and the wall time that produced it: the README's numbers are always a run's, never typed in. Where the
@@ -36,7 +37,35 @@ def run_once(workdir: Path, configfile: Path) -> float:
     return time.perf_counter() - start
 
 
-def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: Path) -> str:
+def reference_step_ms(steps: int = 30) -> float:
+    """The machine's speed at the time, in ms: the median of ``steps`` training steps of VoxelMorph's quick recipe on a
+    fixed 176 x 176 grid (embedded2d's; one thread, a synthetic batch, memory_format.py's step), after two of warm-up.
+
+    The same work whatever the config: measured before and after the run, it tells a slow machine from slow code.
+    On a shared 2-core machine this step's time can change by a third within an hour, and the default run's wall
+    time moves with it."""
+    import statistics
+
+    import torch
+
+    from memory_format import step_in_layout
+    from regbench import plugins
+
+    torch.set_num_threads(1)
+    method = plugins.load_method("voxelmorph")
+    grid = {"ndim": 2, "shape": (176, 176), "spacing": (1.0, 1.0), "labels": 4}
+    layout = torch.channels_last if method.channels_last else torch.contiguous_format
+    step, _ = step_in_layout(method, method.recipe("quick"), grid, layout)
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1e3
+
+
+def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: Path,
+                  reference_ms: tuple[float, float] | None = None) -> str:
     """The README's table: rank with its interval, method, what it learned from, Dice mean ± std and its interval,
     folding, runtime per pair and training time, and a line saying what produced it."""
     lines = ["| rank | method | learns from | Dice | Dice 95 % CI | p vs identity | folds (%) | runtime (s) | training (s) |",
@@ -54,7 +83,10 @@ def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: 
     lines.append(f"Measured by `python benchmarks/default_run.py --readme README.md` at commit `{commit[:12]}` "
                  f"(`{configfile.relative_to(ROOT) if configfile.is_relative_to(ROOT) else configfile}`, "
                  f"{seeds} seeds, {int(board['n_pairs'].max())} test pairs): {seconds / 60:.1f} min of wall time on "
-                 f"this machine's CPU, from nothing. p vs identity: paired Wilcoxon signed-rank test of the seed-averaged "
+                 f"this machine's CPU, from nothing"
+                 + (f" (the machine's speed then: a VoxelMorph training step of {reference_ms[0]:.1f} ms before the "
+                    f"run and {reference_ms[1]:.1f} ms after it, one thread)" if reference_ms else "")
+                 + f". p vs identity: paired Wilcoxon signed-rank test of the seed-averaged "
                  f"test Dice against no registration, Holm-corrected over every pair of methods "
                  f"(leaderboard.csv's dice_p_vs_identity, from stats.csv). "
                  f"Training time: mean over the seeds, one thread.")
@@ -84,6 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     boards, seconds, generalization = [], [], None
     commit = git_commit(ROOT)
+    reference = [reference_step_ms()]
+    print(f"reference: a VoxelMorph training step takes {reference[0]:.1f} ms (median, one thread)")
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             workdir = (args.keep.resolve() if args.keep else Path(tmp)) / f"run{run}"
@@ -101,6 +135,8 @@ def main() -> None:
             if run == 0 and tables:
                 generalization = pd.read_csv(tables[0])
                 print(generalization[["method", "evaluated_on", "dice_mean", "dice_drop", "rank"]].to_string(index=False))
+    reference.append(reference_step_ms())
+    print(f"reference after the runs: a VoxelMorph training step takes {reference[1]:.1f} ms")
     if args.runs > 1:
         by_dataset: dict[str, list[pd.DataFrame]] = {}
         for dataset, _, board in boards:
@@ -111,7 +147,8 @@ def main() -> None:
             print(f"{dataset}: leaderboards identical apart from timings: {same}")
     if args.readme:
         write_between_markers(args.readme, "default-run",
-                              figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve()))
+                              figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve(),
+                                            (reference[0], reference[1])))
         if generalization is not None:
             write_between_markers(args.readme, "default-run-generalization",
                                   generalization_figures(generalization, commit, args.configfile.resolve()))

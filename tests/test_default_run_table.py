@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,6 +27,29 @@ def test_the_readme_table_prints_each_row_s_p():
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert "| 0.030 |" in rows["syn"] and "| 4.0e-04 |" in rows["voxelmorph"] and "| – |" in rows["identity"]
     assert "10.0 min" in table and "0123456789ab" in table
+    assert "speed" not in table   # no reference measured, none printed
+    timed = default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml", (31.04, 42.96))
+    assert "10.0 min of wall time on this machine's CPU, from nothing (the machine's speed then: a VoxelMorph " \
+           "training step of 31.0 ms before the run and 43.0 ms after it, one thread)." in timed
+
+
+def test_the_reference_step_times_voxelmorph_s_training_step(monkeypatch):
+    """The median of the timed steps, the two warm-up steps left out, in ms (on a fake clock)."""
+    import memory_format
+
+    calls = []
+
+    def fake_step_in_layout(method, recipe, grid, layout):
+        assert method.name == "voxelmorph" and recipe == method.recipe("quick") and grid["shape"] == (176, 176)
+        return (lambda: calls.append(len(calls))), []
+
+    durations = [50, 40, 3, 4, 5, 6, 90]   # ms: two slow warm-up steps, one slow timed step
+    clock = iter(t / 1000 for k, d in enumerate(durations) for t in (1000 * k, 1000 * k + d))
+    monkeypatch.setattr(memory_format, "step_in_layout", fake_step_in_layout)
+    monkeypatch.setattr(default_run.time, "perf_counter", lambda: next(clock))
+    # the median of 3, 4, 5, 6 and 90 ms (their mean would be 21.6; with the warm-up, the median is 6)
+    assert default_run.reference_step_ms(steps=5) == pytest.approx(5.0)
+    assert len(calls) == 7
 
 
 def test_the_readme_generalization_table_gives_each_method_its_target_dice_drop_and_rank():
