@@ -2,7 +2,8 @@
 
 Prints the machine's speed before and after the runs (the median time of a VoxelMorph training step, one thread:
 the same work's wall time moves with it), the wall time of each run, the mean test Dice of every method with its
-bootstrap interval and rank, and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart from timing columns.
+bootstrap interval and rank, and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart
+from timing columns.
 Each run starts in an empty working directory, as on a clean clone. With --readme, the figures table of the
 README (between its <!-- default-run --> markers) is rewritten from the first run's leaderboard, with the
 commit and the wall time that produced it: the README's numbers are always a run's, never typed in. Where the
@@ -148,7 +149,7 @@ def main() -> None:
     if args.readme:
         write_between_markers(args.readme, "default-run",
                               figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve(),
-                                            (reference[0], reference[1])))
+                                            tuple(reference)))
         if generalization is not None:
             write_between_markers(args.readme, "default-run-generalization",
                                   generalization_figures(generalization, commit, args.configfile.resolve()))
