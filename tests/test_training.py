@@ -182,6 +182,30 @@ def test_adam_steps_as_adam_by_hand_with_a_stage_s_options():
             np.testing.assert_allclose(weight.detach().numpy(), expected, rtol=0, atol=1e-12)
 
 
+def test_adam_gives_the_loop_s_numbers_to_the_bit():
+    """The multi-tensor update changes no result: five steps over tensors of several shapes (AMSGrad and weight
+    decay included) end on exactly the weights of torch's loop over tensors."""
+    from regbench.training.loop import adam
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8,), (2, 8, 1, 1), (5, 7)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(5)]
+    for options in (None, {"amsgrad": True}, {"weight_decay": 1e-3}):
+        ends = []
+        for make in (lambda p: adam(p, 1e-2, options),
+                     lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False, **(options or {}))):
+            weights = [nn.Parameter(w.clone()) for w in start]
+            optimiser = make(weights)
+            for step in gradients:
+                for weight, gradient in zip(weights, step):
+                    weight.grad = gradient.clone()
+                optimiser.step()
+            ends.append(weights)
+        assert ends[0][0].sub(start[0]).abs().max() > 1e-3   # the weights moved
+        assert all(torch.equal(a, b) for a, b in zip(*ends)), options
+
+
 class DecayedStages(TwoStages):
     """The toy with the first stage's rate dropped to zero after its second step."""
 

@@ -58,10 +58,10 @@ def adam(parameters, lr: float, options: dict | None = None) -> torch.optim.Adam
     """torch's Adam over ``parameters`` at rate ``lr``, with a stage's extra options (``TrainingStage.adam``): the one
     optimiser of training, instance optimisation and the plan's calibration.
 
-    torch's loop over tensors, not its fused kernel: the fused one is several times faster an optimiser step on a CPU
-    (the pyramid: 12.7 against 1.6 ms) but only 0 to 10 % of a training step, and its other rounding order sends a
-    training on another trajectory, which the short-training tests of BIRNet and C2FViT do not survive."""
-    return torch.optim.Adam(parameters, lr=lr, **(options or {}))
+    The multi-tensor (``foreach``) update: on a CPU, the same numbers to the bit as torch's default loop over tensors
+    and a faster step (the pyramid's 210 tensors: 3.7 against 6.3 ms); the default on a GPU. Not the fused kernel:
+    faster still, but its other rounding order sends a training on another trajectory."""
+    return torch.optim.Adam(parameters, lr=lr, **{"foreach": True, **(options or {})})
 
 
 def optimiser_step(total: torch.Tensor, optimiser: torch.optim.Optimizer, scaler=None) -> None:
