@@ -1,6 +1,7 @@
 """BIRNet: the patch network's sizes and output positions, each loss term by hand, the multi-source input,
 tiling and stitching, and a short training on SyN displacements of embedded2d training pairs."""
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from short_training import identity_dice, registered_dice, test_pairs
 
 torch.set_num_threads(1)
 
+ROOT = Path(__file__).resolve().parents[1]
 TERMS = {"gt_full": "gt_weight_full", "gt_half": "gt_weight_half", "gt_quarter": "gt_weight_quarter",
          "dissimilarity": "dissimilarity_weight"}
 
@@ -312,41 +314,56 @@ def test_sample_at_matches_the_whole_image_warp():
 
 @pytest.fixture(scope="module")
 def supervised_embedded2d(tmp_path_factory):
-    """embedded2d with 6 training subjects per template, and SyN (quick) on 16 ordered training pairs,
-    laid out as the workflow lays them out: <root>/syn_supervision beside the method's <root>/birnet."""
+    """embedded2d with 10 training and 4 test subjects per template, and SyN (quick) on 48 ordered training pairs,
+    laid out as the workflow lays them out: <root>/syn_supervision beside the runs <root>/birnet<seed>."""
     from regbench.workflow.config import check_config, job_settings
     from regbench.training.supervision import compute_supervision
 
     root = tmp_path_factory.mktemp("birnet")
     source = load_dataset("embedded2d")
-    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 6, "n_val": 1, "n_test": 2}))
+    source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 10, "n_val": 1, "n_test": 4}))
     settings = job_settings(check_config({"datasets": {"embedded2d": {}}, "methods": {"identity": {}}}),
                             "embedded2d", "syn")
-    compute_supervision(root / "prepared", root / "results" / "syn_supervision", settings, n_pairs=16, workers=1)
+    compute_supervision(root / "prepared", root / "results" / "syn_supervision", settings, n_pairs=48, workers=1)
     return PreparedDataset(root / "prepared"), root / "results"
 
 
 def test_short_training_lowers_the_loss_and_beats_identity(birnet, supervised_embedded2d):
+    """Three seeds of the quick recipe's 750 steps with the values tuning chose for the default run: each seed
+    lowers the held-out loss, and on average they beat no registration.
+
+    One seed is not a test of BIRNet: its patch training now and then stays at the teacher fields' mean. Measured
+    over seeds 0 to 4 of this setting: held-out loss 0.81, 0.65, 0.57, 0.84, 0.75 of the untrained network's, Dice
+    0.605, 0.654, 0.665, 0.621, 0.621 against 0.585 unregistered. With 6 training subjects, 16 teacher pairs and
+    400 steps, 3 of 5 seeds ended within 0.005 of no registration's Dice; with the recipe's own rate and weight,
+    one seed in 5 ended below it."""
     from regbench.training.supervision import Supervision, supervised_batch
     from regbench.training.loop import load_trained, train
+    from regbench.tuning.lock import chosen_values, read_lock
 
     dataset, results = supervised_embedded2d
-    recipe = birnet.recipe("quick", {"iterations": 400, "supervision_pairs": 16, "checkpoint_every": 1000})
+    tuned = chosen_values(read_lock(ROOT / "config" / "tuned" / "embedded2d.yaml", "embedded2d"), "birnet")
+    assert set(tuned) == {"lr", "dissimilarity_weight"}
+    recipe = birnet.recipe("quick", {**tuned, "supervision_pairs": 48, "checkpoint_every": 1000})
+    assert recipe["iterations"] == 750
     supervision = Supervision(results / "syn_supervision", dataset.shape)
     held = [supervised_batch(dataset, supervision, iteration=10_000 + k, batch_size=2, seed=1) for k in range(8)]
 
     def loss(net):
-        torch.manual_seed(0)  # the same patches for both networks
+        torch.manual_seed(0)  # the same patches for every network
         with torch.no_grad():
             return np.mean([sum(w * float(v) for w, v in birnet.loss_terms(net, b, recipe).values()) for b in held])
 
-    torch.manual_seed(0)
-    untrained = birnet.build(2, recipe).eval()
-    summary = train(birnet, recipe, dataset, results / "birnet", seed=0)
-    net, _ = load_trained(birnet, results / "birnet" / "model.pt")
-    log = __import__("pandas").read_csv(results / "birnet" / "train_log.csv")
-    assert summary["iterations"] == 400 and set(TERMS) <= set(log.columns)
-    assert loss(net) < 0.95 * loss(untrained), (loss(untrained), loss(net))  # measured: 0.9
     pairs = test_pairs(dataset)
-    identity, trained = identity_dice(pairs), registered_dice(birnet, net, recipe, pairs)
-    assert trained > identity + 0.03, (identity, trained)
+    identity, ratios, dice = identity_dice(pairs), [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        untrained = birnet.build(2, recipe).eval()
+        summary = train(birnet, recipe, dataset, results / f"birnet{seed}", seed=seed)
+        net, _ = load_trained(birnet, results / f"birnet{seed}" / "model.pt")
+        log = __import__("pandas").read_csv(results / f"birnet{seed}" / "train_log.csv")
+        assert summary["iterations"] == 750 and set(TERMS) <= set(log.columns)
+        ratios.append(loss(net) / loss(untrained))
+        dice.append(registered_dice(birnet, net, recipe, pairs))
+    assert max(ratios) < 1 and np.mean(ratios) < 0.9, ratios      # measured: 0.81, 0.65, 0.57
+    assert np.mean(dice) > identity + 0.02, (identity, dice)       # measured: 0.641 against 0.585

@@ -1,4 +1,5 @@
-"""C2FViT: the official network's layers, the decoupled affine, every recipe term, and training registers."""
+"""C2FViT: the official network's layers, the decoupled affine, every recipe term, learning a known affine, and the
+workflow's training path."""
 import math
 
 import pytest
@@ -16,7 +17,8 @@ from regbench.blocks.transformer import Attention, ConvPatchEmbedding, FeedForwa
 from regbench.data.prepared import PreparedDataset
 from regbench.method import TRAINING_KEYS, parameter_count as network_parameters
 from regbench.plugins import load_dataset, load_method
-from short_training import short_training
+from regbench.training.loop import adam, optimiser_step
+from short_training import short_training, test_pairs
 
 torch.set_num_threads(1)
 
@@ -560,31 +562,62 @@ def test_dice_needs_segmentations(c2fvit):
 
 @pytest.fixture(scope="module")
 def embedded2d(tmp_path_factory):
-    """A small embedded2d: 8 training subjects per template; 6 test subjects per template (16 test pairs, enough
-    to tell an affine's small gain from the noise of a few pairs)."""
+    """A small embedded2d: 8 training subjects per template; 6 test subjects per template (16 test pairs)."""
     root = tmp_path_factory.mktemp("embedded2d")
     source = load_dataset("embedded2d")
     source.prepare(root / "raw", root / "prepared", source.resolve_options({"n_train": 8, "n_val": 1, "n_test": 6}))
     return PreparedDataset(root / "prepared")
 
 
-def test_short_training_lowers_the_loss_and_beats_identity(c2fvit, embedded2d, tmp_path):
-    # the quick recipe with 1000 steps (the default run's 600 leave an affine's small gain within the noise of 16
-    # pairs; about 50 s on one thread): on its 88 x 88 working grid, scored on the dataset's 176 x 176 grid through
-    # the method's grid adapter
-    torch.set_num_threads(1)
-    recipe = c2fvit.recipe("quick", {"iterations": 1000})
+def test_learns_a_known_affine_of_one_pair(c2fvit, embedded2d):
+    """Trained on one pair whose moving image is the fixed one under a known affine (rotated by 8 degrees, 4 %
+    larger, shifted by 3 and 2 % of the field of view), the whole network (centre of mass, three stages, the decoded
+    affine, multi-scale NCC) learns to undo it from every seed. Measured: the mean intensity error falls from 0.083
+    (no registration) and 0.068 (the untrained network: its centre-of-mass step) to 0.008 in 150 steps, seeds 0, 1
+    and 2 alike."""
+    recipe = c2fvit.recipe("quick")
+    size = recipe["working_size"]
+    pair = test_pairs(embedded2d)[0]
+    fixed = F.interpolate(pair["fixed"], size=(size, size), mode="area")   # an image on the working grid
+    theta = torch.tensor([[0.06, -0.04, 8 / 180, 0.0, 0.08, 0.08]])   # translation, rotation / pi, shear, scale
+    ranges = {k: float(recipe[k]) for k in ("translation_range", "rotation_range", "shear_range", "scaling_range")}
+    moving = warp(fixed, matrix_to_displacement(decoupled_affine_matrix(theta, **ranges), (size, size)))
+    batch = {"fixed": fixed, "moving": moving}
+
+    def error(net):
+        net.eval()
+        return float((warp(moving, c2fvit.register(net, fixed, moving, recipe)) - fixed).abs().mean())
+
+    unregistered = float((moving - fixed).abs().mean())
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = c2fvit.build(2, recipe)
+        untrained = error(net)
+        net.train()
+        optimiser = adam(net.parameters(), recipe["lr"])
+        for _ in range(150):
+            optimiser_step(sum(w * v for w, v in c2fvit.loss_terms(net, batch, recipe).values()), optimiser)
+        trained = error(net)
+        assert trained < 0.2 * unregistered and trained < 0.25 * untrained, (seed, unregistered, untrained, trained)
+
+
+def test_short_training_selects_on_val_and_registers_on_the_dataset_grid(c2fvit, embedded2d, tmp_path):
+    """The workflow's path: the quick recipe trains on its 88 x 88 working grid, keeps its best checkpoint on the val
+    pairs, and registers the test pairs on the dataset's 176 x 176 grid through the grid adapter.
+
+    No gain over no registration is asserted: at this budget C2FViT does not reliably learn the data's small
+    affine part. Measured with 1000 steps, seeds 0, 1 and 2: test Dice 0.624, 0.581, 0.569 against 0.609
+    unregistered (0.590 for the untrained network, its centre-of-mass step); the default run's leaderboard says the
+    same. What it learns from a clear affine, :func:`test_learns_a_known_affine_of_one_pair` shows."""
+    recipe = c2fvit.recipe("quick", {"iterations": 400})
     run = short_training(c2fvit, recipe, embedded2d, tmp_path / "run")
-    pairs, net = run.pairs, run.net
-    assert len(pairs) == 16
-    assert run.saved_recipe == recipe and run.summary["iterations"] == recipe["iterations"]
-    print(f"c2fvit quick: {run.summary['train_time_s']:.1f} s; test loss {run.untrained_loss:.3f} -> "
-          f"{run.trained_loss:.3f}; Dice identity {run.identity_dice:.3f}, untrained {run.untrained_dice:.3f}, "
-          f"trained {run.trained_dice:.3f}")
-    assert run.trained_loss < run.untrained_loss - 0.02
-    assert run.trained_dice > run.identity_dice + 0.015, (run.identity_dice, run.trained_dice)
-    assert run.trained_dice > run.untrained_dice + 0.02, (run.untrained_dice, run.trained_dice)
-    # the affines differ between pairs: the network does not predict one affine for all
-    with torch.no_grad():
-        translations = torch.cat([net(b["moving"], b["fixed"]).parameters[-1][:, :2] for b in pairs])
-    assert translations.std(dim=0).max() > 0.005
+    assert len(run.pairs) == 16
+    assert run.saved_recipe == recipe and run.summary["iterations"] == 400
+    selection = run.summary["model_selection"]
+    assert selection["criterion"] == "val_dice"
+    assert [s["iteration"] for s in selection["scores"]] == [200, 400]
+    assert selection["kept_iteration"] in (200, 400)
+    u = c2fvit.register_on_dataset_grid(run.net, run.pairs[0]["fixed"], run.pairs[0]["moving"], recipe,
+                                        c2fvit.grid_adapter(embedded2d.shape, embedded2d.spacing, recipe))
+    assert u.shape == (1, 2, *embedded2d.shape) and torch.isfinite(u).all()
+    assert 0 < run.trained_dice < 1

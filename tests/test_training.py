@@ -193,10 +193,10 @@ def test_adam_gives_the_loop_s_numbers_to_the_bit():
     gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(5)]
     for options in (None, {"amsgrad": True}, {"weight_decay": 1e-3}):
         ends = []
-        for make in (lambda p: adam(p, 1e-2, options),
-                     lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False, **(options or {}))):
+        for ours in (True, False):
             weights = [nn.Parameter(w.clone()) for w in start]
-            optimiser = make(weights)
+            optimiser = (adam(weights, 1e-2, options) if ours
+                         else torch.optim.Adam(weights, lr=1e-2, foreach=False, **(options or {})))
             for step in gradients:
                 for weight, gradient in zip(weights, step):
                     weight.grad = gradient.clone()
