@@ -90,8 +90,22 @@ def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: 
                  + f". p vs identity: paired Wilcoxon signed-rank test of the seed-averaged "
                  f"test Dice against no registration, Holm-corrected over every pair of methods "
                  f"(leaderboard.csv's dice_p_vs_identity, from stats.csv). "
-                 f"Training time: mean over the seeds, one thread.")
+                 f"Training time: mean over the seeds, one thread. " + identity_verdict(board))
     return "\n".join(lines)
+
+
+def identity_verdict(board: pd.DataFrame) -> str:
+    """Which learned rows do not beat no registration (a higher mean Dice and Holm p < 0.05: the leaderboard's
+    dice_beats_identity), or that every one does."""
+    if "dice_beats_identity" not in board:
+        return ""
+    learned = board[board["supervision"] != "classical"]
+    behind = [method_label(row) for _, row in learned.iterrows()
+              if pd.isna(row["dice_beats_identity"]) or not bool(row["dice_beats_identity"])]
+    if not behind:
+        return f"Every learned method ({len(learned)}) beats no registration (a higher mean Dice, p < 0.05)."
+    return (f"Learned methods that do not beat no registration here (a higher mean Dice with p < 0.05): "
+            f"{', '.join(behind)}.")
 
 
 def generalization_figures(table: pd.DataFrame, commit: str, configfile: Path) -> str:

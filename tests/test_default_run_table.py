@@ -33,6 +33,31 @@ def test_the_readme_table_prints_each_row_s_p():
            "training step of 31.0 ms before the run and 43.0 ms after it, one thread)." in timed
 
 
+def test_the_readme_table_names_the_learned_methods_that_do_not_beat_no_registration():
+    board = pd.DataFrame({
+        "method": ["syn", "voxelmorph", "identity", "c2fvit", "affine"],
+        "supervision": ["classical", "none", "classical", "none", "classical"],
+        "rank": [1, 2, 3, 4, 5], "rank_low": [1, 2, 3, 3, 3], "rank_high": [1, 2, 5, 5, 5],
+        "dice_mean": [0.8, 0.7, 0.6, 0.59, 0.65], "dice_std": [0.01] * 5, "dice_ci_low": [0.5] * 5,
+        "dice_ci_high": [0.9] * 5, "fold_pct_mean": [0.0] * 5, "runtime_s_mean": [0.1] * 5,
+        "train_time_s": [float("nan"), 60.0, float("nan"), 30.0, float("nan")], "n_seeds": [1, 3, 1, 3, 3],
+        "n_pairs": [22] * 5, "dice_p_vs_identity": [1e-4, 1e-4, float("nan"), 1.0, 0.07],
+        "dice_beats_identity": [True, True, float("nan"), False, False],
+    })
+    table = default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml")
+    # a classical row that does not beat it (affine) is not named: the criterion is the learned methods'
+    assert table.endswith("Learned methods that do not beat no registration here (a higher mean Dice with "
+                          "p < 0.05): c2fvit.")
+    board.loc[board["method"] == "c2fvit", "dice_beats_identity"] = True
+    assert default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml").endswith(
+        "Every learned method (2) beats no registration (a higher mean Dice, p < 0.05).")
+    # a board whose column holds numpy booleans only (a config without the identity row)
+    board = board[board["method"] != "identity"].astype({"dice_beats_identity": bool})
+    board.loc[board["method"] == "c2fvit", "dice_beats_identity"] = False
+    assert default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml").endswith(
+        "p < 0.05): c2fvit.")
+
+
 def test_the_reference_step_times_voxelmorph_s_training_step(monkeypatch):
     """The median of the timed steps, the two warm-up steps left out, in ms (on a fake clock)."""
     import memory_format
