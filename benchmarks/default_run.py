@@ -100,10 +100,10 @@ def identity_verdict(board: pd.DataFrame) -> str:
     if "dice_beats_identity" not in board:
         return ""
     learned = board[board["supervision"] != "classical"]
-    behind = [method_label(row) for _, row in learned.iterrows()
-              if pd.isna(row["dice_beats_identity"]) or not bool(row["dice_beats_identity"])]
+    beats = learned["dice_beats_identity"].eq(True)   # NaN (no test) does not beat it
+    behind = [method_label(row) for _, row in learned[~beats].iterrows()]
     if not behind:
-        return f"Every learned method ({len(learned)}) beats no registration (a higher mean Dice, p < 0.05)."
+        return f"Every learned method ({len(learned)}) beats no registration (a higher mean Dice with p < 0.05)."
     return (f"Learned methods that do not beat no registration here (a higher mean Dice with p < 0.05): "
             f"{', '.join(behind)}.")
 

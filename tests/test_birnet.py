@@ -338,7 +338,7 @@ def test_short_training_lowers_the_loss_and_beats_identity(birnet, supervised_em
     400 steps, 3 of 5 seeds ended within 0.005 of no registration's Dice; with the recipe's own rate and weight,
     one seed in 5 ended below it."""
     from regbench.training.supervision import Supervision, supervised_batch
-    from regbench.training.loop import load_trained, train
+    from regbench.training.loop import load_trained, train, weighted_loss
     from regbench.tuning.lock import chosen_values, read_lock
 
     dataset, results = supervised_embedded2d
@@ -352,7 +352,7 @@ def test_short_training_lowers_the_loss_and_beats_identity(birnet, supervised_em
     def loss(net):
         torch.manual_seed(0)  # the same patches for every network
         with torch.no_grad():
-            return np.mean([sum(w * float(v) for w, v in birnet.loss_terms(net, b, recipe).values()) for b in held])
+            return np.mean([float(weighted_loss(birnet, net, b, recipe, torch.device("cpu"))[1]) for b in held])
 
     pairs = test_pairs(dataset)
     identity, ratios, dice = identity_dice(pairs), [], []

@@ -50,7 +50,7 @@ def test_the_readme_table_names_the_learned_methods_that_do_not_beat_no_registra
                           "p < 0.05): c2fvit.")
     board.loc[board["method"] == "c2fvit", "dice_beats_identity"] = True
     assert default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml").endswith(
-        "Every learned method (2) beats no registration (a higher mean Dice, p < 0.05).")
+        "Every learned method (2) beats no registration (a higher mean Dice with p < 0.05).")
     # a board whose column holds numpy booleans only (a config without the identity row)
     board = board[board["method"] != "identity"].astype({"dice_beats_identity": bool})
     board.loc[board["method"] == "c2fvit", "dice_beats_identity"] = False
