@@ -1,9 +1,10 @@
 """The default benchmark's budget: wall time of `snakemake --cores all` from nothing, and the README's figures.
 
 Prints the machine's speed before and after the runs (the median time of a VoxelMorph training step, one thread:
-the same work's wall time moves with it), the wall time of each run, the mean test Dice of every method with its
-bootstrap interval and rank, and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart
-from timing columns.
+the same work's wall time moves with it), the wall time of each run and where it went (each step's job time, from
+Snakemake's benchmark records: regbench.workflow.job_times), the mean test Dice of every method with its bootstrap
+interval and rank, and, with --runs 2, whether the two runs' leaderboard.csv files are identical apart from timing
+columns.
 Each run starts in an empty working directory, as on a clean clone. With --readme, the figures table of the
 README (between its <!-- default-run --> markers) is rewritten from the first run's leaderboard, with the
 commit and the wall time that produced it: the README's numbers are always a run's, never typed in. Where the
@@ -15,6 +16,7 @@ written between the <!-- default-run-generalization --> markers the same way.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import pandas as pd
 from regbench.evaluation.aggregate import TIMING_COLUMNS, method_label, rank_text
 from readme_figures import write_between_markers
 from regbench.runtime import git_commit
+from regbench.workflow.job_times import read_job_times, time_by_step, time_sentence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +69,10 @@ def reference_step_ms(steps: int = 30) -> float:
 
 
 def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: Path,
-                  reference_ms: tuple[float, float] | None = None) -> str:
+                  reference_ms: tuple[float, float] | None = None, time_note: str = "") -> str:
     """The README's table: rank with its interval, method, what it learned from, Dice mean ± std and its interval,
-    folding, runtime per pair and training time, and a line saying what produced it."""
+    folding, runtime per pair and training time, and a line saying what produced it (``time_note``: where the run's
+    time went, regbench.workflow.job_times.time_sentence)."""
     lines = ["| rank | method | learns from | Dice | Dice 95 % CI | p vs identity | folds (%) | runtime (s) | training (s) |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, row in board.iterrows():
@@ -90,7 +94,8 @@ def figures_table(board: pd.DataFrame, seconds: float, commit: str, configfile: 
                  + f". p vs identity: paired Wilcoxon signed-rank test of the seed-averaged "
                  f"test Dice against no registration, Holm-corrected over every pair of methods "
                  f"(leaderboard.csv's dice_p_vs_identity, from stats.csv). "
-                 f"Training time: mean over the seeds, one thread. " + identity_verdict(board))
+                 f"Training time: mean over the seeds, one thread. " + (time_note + " " if time_note else "")
+                 + identity_verdict(board))
     return "\n".join(lines)
 
 
@@ -129,7 +134,7 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, help="rewrite this README's figures table from the first run")
     parser.add_argument("--keep", type=Path, help="run in <keep>/run<k> (new, empty folders) and keep what they hold")
     args = parser.parse_args()
-    boards, seconds, generalization = [], [], None
+    boards, seconds, generalization, time_note = [], [], None, ""
     commit = git_commit(ROOT)
     reference = [reference_step_ms()]
     print(f"reference: a VoxelMorph training step takes {reference[0]:.1f} ms (median, one thread)")
@@ -139,6 +144,10 @@ def main() -> None:
             workdir.mkdir(parents=True)   # an existing folder is an error: each run starts from nothing
             seconds.append(run_once(workdir, args.configfile.resolve()))
             print(f"run {run + 1}: snakemake --cores all took {seconds[-1]:.1f} s")
+            jobs = read_job_times(workdir / "results")
+            print(time_by_step(jobs).round({"wall_s": 1, "share": 3}).to_string())
+            if run == 0:
+                time_note = time_sentence(jobs, seconds[0], len(os.sched_getaffinity(0)))
             for board_path in sorted((workdir / "results").glob("*/leaderboard.csv")):
                 board = pd.read_csv(board_path)
                 boards.append((board_path.parent.name, run, board))
@@ -163,7 +172,7 @@ def main() -> None:
     if args.readme:
         write_between_markers(args.readme, "default-run",
                               figures_table(boards[0][2], seconds[0], commit, args.configfile.resolve(),
-                                            tuple(reference)))
+                                            tuple(reference), time_note))
         if generalization is not None:
             write_between_markers(args.readme, "default-run-generalization",
                                   generalization_figures(generalization, commit, args.configfile.resolve()))

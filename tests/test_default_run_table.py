@@ -31,6 +31,9 @@ def test_the_readme_table_prints_each_row_s_p():
     timed = default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml", (31.04, 42.96))
     assert "10.0 min of wall time on this machine's CPU, from nothing (the machine's speed then: a VoxelMorph " \
            "training step of 31.0 ms before the run and 43.0 ms after it, one thread)." in timed
+    noted = default_run.figures_table(board, 600.0, "0123456789abcdef", ROOT / "config" / "config.yaml",
+                                      time_note="Where the time went: train 900 s.")
+    assert "Training time: mean over the seeds, one thread. Where the time went: train 900 s." in noted
 
 
 def test_the_readme_table_names_the_learned_methods_that_do_not_beat_no_registration():

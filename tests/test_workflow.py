@@ -71,6 +71,20 @@ def test_every_contracted_file_is_written(tiny_runs):
     assert (results / "report" / "embedded2d" / "dice_per_structure.png").stat().st_size > 10_000
 
 
+def test_every_job_leaves_a_benchmark_record_of_its_wall_time(tiny_runs):
+    """results/benchmarks/ mirrors results/logs/: one Snakemake record a job, read back per step."""
+    from regbench.workflow.job_times import read_job_times, time_by_step
+
+    results = tiny_runs[0] / "results"
+    logs = {p.relative_to(results / "logs").with_suffix("").as_posix() for p in (results / "logs").rglob("*.log")}
+    jobs = read_job_times(results)
+    assert set(jobs["job"]) == logs
+    steps = time_by_step(jobs)
+    # identity once; voxelmorph and voxelmorph+io once a seed
+    assert steps.loc["train", "jobs"] == 2 and steps.loc["register", "jobs"] == 5
+    assert (jobs["wall_s"] > 0).all()
+
+
 def test_leaderboard_has_one_row_per_method_and_the_contracted_columns(tiny_runs):
     board = pd.read_csv(tiny_runs[0] / "results" / "embedded2d" / "leaderboard.csv")
     assert sorted(board["method"]) == ["identity", "voxelmorph", "voxelmorph+io"]

@@ -25,6 +25,8 @@ rule syn_supervision:
         **job_resources("syn_supervision"),
     log:
         f"{RESULTS}/logs/{{dataset}}/syn_supervision.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/syn_supervision.tsv",
     shell:
         "python -m regbench.training.supervision --prepared {params.prepared} --out {params.out}"
         " --settings {params.settings:q} --pairs {params.pairs} --workers {threads} > {log} 2>&1"

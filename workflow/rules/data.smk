@@ -16,5 +16,7 @@ rule prepare:
         **job_resources("prepare"),
     log:
         f"{RESULTS}/logs/{{dataset}}/prepare.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/prepare.tsv",
     shell:
         "regbench prepare --raw {params.raw} --prepared {params.prepared} --settings {params.settings:q} > {log} 2>&1"

@@ -21,6 +21,8 @@ rule register:
         **job_resources("register"),
     log:
         f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/register.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/register.tsv",
     shell:
         "regbench register --prepared {params.prepared} --out {params.out} --run {params.run}"
         " --settings {params.settings:q} > {log} 2>&1"
@@ -46,6 +48,8 @@ rule aggregate:
         **job_resources("aggregate"),
     log:
         f"{RESULTS}/logs/{{dataset}}/aggregate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/aggregate.tsv",
     shell:
         "regbench aggregate --results {params.results} --dataset {wildcards.dataset} --methods {params.methods}"
         " --seeds {params.seeds:q} --bootstrap {params.bootstrap:q} > {log} 2>&1"
@@ -88,6 +92,8 @@ for _dataset, _targets in TARGETS.items():
             **job_resources("register"),
         log:
             f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/register.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/register.tsv",
         shell:
             "regbench register --prepared {params.prepared} --out {params.out} --run {params.run}"
             " --settings {params.settings:q} --on {params.on:q} > {log} 2>&1"
@@ -112,6 +118,8 @@ rule aggregate_on:
         **job_resources("aggregate"),
     log:
         f"{RESULTS}/logs/{{dataset}}/aggregate_on_{{target}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/aggregate_on_{{target}}.tsv",
     shell:
         "regbench aggregate --results {params.results} --dataset {wildcards.dataset} --methods {params.methods}"
         " --seeds {params.seeds:q} --bootstrap {params.bootstrap:q} --on {wildcards.target} > {log} 2>&1"
@@ -135,6 +143,8 @@ rule generalization:
         **job_resources("aggregate"),
     log:
         f"{RESULTS}/logs/{{dataset}}/generalization.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/generalization.tsv",
     shell:
         "regbench generalization --results {params.results} --dataset {wildcards.dataset} --targets {params.targets}"
         " --data {params.data} --bootstrap {params.bootstrap:q} > {log} 2>&1"

@@ -36,6 +36,8 @@ rule report_dataset:
         **job_resources("report_dataset"),
     log:
         f"{RESULTS}/logs/{{dataset}}/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/report.tsv",
     shell:
         "python -m regbench.report.page dataset --results {params.results} --prepared {params.prepared}"
         " --dataset {wildcards.dataset} --methods {params.methods} --settings {params.settings:q}"
@@ -63,6 +65,8 @@ rule report:
         **job_resources("report"),
     log:
         f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv",
     shell:
         "python -m regbench.report.page page --results {params.results} --data {params.data}"
         " --methods {params.methods:q} --targets {params.targets:q} --config-hash {params.config_hash} > {log} 2>&1"

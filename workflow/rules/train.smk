@@ -21,6 +21,8 @@ rule train:
         **job_resources("train"),
     log:
         f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}/train.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/train.tsv",
     shell:
         "regbench train --prepared {params.prepared} --out {params.out} --settings {params.settings:q}"
         " --supervision {params.supervision} > {log} 2>&1"

@@ -23,6 +23,8 @@ rule tune_method:
         **job_resources("tune"),
     log:
         f"{RESULTS}/logs/{{dataset}}/{{method}}/tune.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/tune.tsv",
     shell:
         "regbench tune --prepared {params.prepared} --out {params.out} --settings {params.settings:q}"
         " --supervision {params.supervision} > {log} 2>&1"
@@ -41,6 +43,8 @@ for tuned_dataset in DATASETS:
             dataset=tuned_dataset,
         log:
             f"{RESULTS}/logs/{tuned_dataset}/lock.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/{tuned_dataset}/lock.tsv",
         shell:
             "regbench lock --dataset {params.dataset} --out {output} {input} > {log} 2>&1"
 
