@@ -41,7 +41,7 @@ def test_the_sentence_says_how_busy_the_cores_were(results):
     # 84 s of jobs in a 50 s run on 2 cores: 84 % of the cores' time
     sentence = time_sentence(read_job_times(results), run_wall_s=50.0, cores=2)
     assert "84 s of job time in all, 84% of 2 cores' wall time" in sentence
-    assert "train 64 s (2 jobs, 76%), register 10 s (2 jobs, 12%)" in sentence
+    assert "train 64 s (2 jobs, 76%), register 10 s (2 jobs, 12%), prepare 5 s (1 job, 6%)" in sentence
     assert time_sentence(pd.DataFrame(columns=["job", "step", "wall_s"]), 50.0, 2) == ""
 
 

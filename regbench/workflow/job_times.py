@@ -53,7 +53,7 @@ def time_sentence(jobs: pd.DataFrame, run_wall_s: float, cores: int) -> str:
         return ""
     steps = time_by_step(jobs)
     total = steps["wall_s"].sum()
-    parts = ", ".join(f"{step} {row.wall_s:.0f} s ({row.jobs:.0f} jobs, {row.share:.0%})"
+    parts = ", ".join(f"{step} {row.wall_s:.0f} s ({row.jobs:.0f} job{'' if row.jobs == 1 else 's'}, {row.share:.0%})"
                       for step, row in steps.iterrows())
     return (f"Where the time went (Snakemake's benchmark records, results/benchmarks/): {total:.0f} s of job time in "
             f"all, {total / (run_wall_s * cores):.0%} of {cores} cores' wall time: {parts}.")
