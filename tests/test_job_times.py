@@ -1,4 +1,6 @@
 """Where a run's time went: Snakemake's benchmark records read back, summed per step."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -46,8 +48,6 @@ def test_the_sentence_says_how_busy_the_cores_were(results):
 
 
 def test_job_step_folds_the_per_target_forms():
-    from pathlib import Path
-
     assert job_step(Path("x/aggregate_on_oasis.tsv")) == "aggregate"
     assert job_step(Path("x/seed0/register.tsv")) == "register"
 

@@ -12,16 +12,9 @@ import pandas as pd
 
 from regbench.io import InputError
 
-#: a job's step: its benchmark file's stem, the per-target forms folded in (aggregate_on_<target> -> aggregate)
-_FOLDED_PREFIXES = ("aggregate_on_",)
-
-
 def job_step(path: Path) -> str:
-    stem = path.stem
-    for prefix in _FOLDED_PREFIXES:
-        if stem.startswith(prefix):
-            return prefix.removesuffix("_on_")
-    return stem
+    """A job's step: its record's stem, a per-target form folded into its step (aggregate_on_<target> -> aggregate)."""
+    return path.stem.split("_on_")[0]
 
 
 def read_job_times(results: str | Path) -> pd.DataFrame:
